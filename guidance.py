@@ -1,0 +1,352 @@
+"""Semantic and degradation guidance, and the full Perceive-IR network (Sec. III-C.2-3, Eq. 5-8, Fig. 4, Table X).
+
+The Restoration Branch of `backbone.py` is an ordinary U-shaped network. Perceive-IR makes its
+latent and decoder blocks "enhanced" (ETB, Eq. 3): each block's attention takes its query from
+a feature modulated by two priors,
+  F_l — what is in the image: the CLS token of a frozen DINOv2 after block 1, 4, 8 or 12 (Eq. 5),
+  Z   — what is wrong with it: a 128-d degradation code from a small CNN, trained by L_cl (Eq. 12).
+
+What is in here:
+- `SemanticGuidance` (SGM, Eq. 5) and `build_sgm`: the frozen DINOv2 ViT-B/14 from timm (hub, a
+  local file through `--dino-weights`, or a tiny random stand-in for tests and the offline demo).
+- `CFE`: Compact Feature Extraction (Fig. 4(b)), degraded image → Z ∈ R^128.
+- `PGM` (Eq. 6): Y_l = X_l^d ⊙ (1 + γ) + β with (γ, β) from concat(F_l, Z).
+- `PGCA` (Eq. 7-8): channel cross-attention, query from Y_l, key/value from X_l^d, residual + Y_l.
+- `GuidedMixer`: PGM then PGCA, the token mixer an ETB uses in place of MDTA.
+- `PerceiveIR`: any backbone of `backbone.py` + the guidance; the ablations of Table X.
+
+DINOv2 is never part of `PerceiveIR`: it is frozen and stays outside the optimiser and DDP; the
+caller runs `semantic = sgm(degraded)` once per batch and passes it to `model(degraded, semantic)`.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from backbone import build_backbone, channel_attention, count_parameters
+
+CODE_DIM = 128                      # Z ∈ R^{1×128} (Sec. III-C.2)
+DINO_BLOCKS = (0, 3, 7, 11)         # Eq. (5): i = 1, 4, 8, 12, 1-based → 0-based block indices
+
+
+# ---------------------------------------------------------------------------------------------
+# SGM: frozen DINOv2 (Sec. III-C.3, Eq. 5)
+# ---------------------------------------------------------------------------------------------
+
+class SemanticGuidance(nn.Module):
+    """F_1, F_2, F_3, F_4 = D_i(I_d), i = 1, 4, 8, 12 — Eq. (5).
+
+    The degraded image is resized to the ViT's input size (224 for ViT-B/14: a 16×16 grid) and
+    normalised with ImageNet statistics; the CLS token after each of the four blocks is one F_l.
+    Frozen: eval mode, no gradients, no autograd graph (no_grad rather than inference_mode,
+    because F_l later enters the trainable PGM, which must be able to save it for backward).
+    """
+
+    def __init__(self, vit, image_size, description):
+        super().__init__()
+        self.vit = vit.eval().requires_grad_(False)
+        self.image_size = image_size
+        self.embed_dim = vit.embed_dim                       # 768 for ViT-B/14
+        self.description = description
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode=True):                              # stays in eval mode, always
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, degraded):
+        x = F.interpolate(degraded, size=(self.image_size, self.image_size), mode="bicubic",
+                          align_corners=False, antialias=True)
+        x = (x - self.mean) / self.std
+        blocks = self.vit.forward_intermediates(x, indices=list(DINO_BLOCKS), return_prefix_tokens=True,
+                                                norm=False, intermediates_only=True)
+        # each entry: (patch tokens (B, D, h, w), prefix tokens (B, 1, D)); keep the CLS token
+        return torch.stack([prefix[:, 0] for _, prefix in blocks], dim=1)     # (B, 4, D)
+
+
+def build_sgm(variant="base", weights=None):
+    """DINOv2 through timm's own loader: the hub weights, or a local file (`--dino-weights`).
+
+    variant "base": ViT-B/14 `vit_base_patch14_dinov2.lvd142m` at 224 (the paper's "base version",
+    Sec. IV-A.4). variant "tiny": a 640K-parameter ViT with the same 12-block layout at 56 px,
+    randomly initialised unless a weight file is given; for tests and the offline demo only.
+    """
+    import timm
+
+    overlay = dict(pretrained_cfg_overlay=dict(file=str(weights))) if weights else {}
+    if variant == "base":
+        name, size, kwargs = "vit_base_patch14_dinov2.lvd142m", 224, {}
+        pretrained = True
+    elif variant == "tiny":
+        name, size, kwargs = "vit_small_patch14_dinov2", 56, dict(embed_dim=64, depth=12, num_heads=2)
+        pretrained = weights is not None
+    else:
+        raise ValueError(f"unknown DINOv2 variant {variant!r}; choose 'base' or 'tiny' (--dino)")
+    try:
+        vit = timm.create_model(name, pretrained=pretrained, img_size=size, **kwargs, **overlay)
+    except Exception as error:                               # hub unreachable, bad file, ...
+        source = f"the file {weights}" if weights else "the Hugging Face hub"
+        raise RuntimeError(
+            f"could not load DINOv2 weights ({name}) from {source}: {type(error).__name__}: {error}. "
+            "Download the weights once (e.g. timm.create_model('vit_base_patch14_dinov2.lvd142m', "
+            "pretrained=True) on a machine with internet, then save model.state_dict()) and pass the "
+            "file with --dino-weights FILE.") from error
+    if variant == "base":
+        description = f"DINOv2 ViT-B/14 ({weights or 'hub weights'})"
+    else:
+        description = f"tiny DINOv2 stand-in ({weights or 'random weights, NOT pretrained'})"
+    return SemanticGuidance(vit, size, description)
+
+
+# ---------------------------------------------------------------------------------------------
+# CFE: Compact Feature Extraction (Sec. III-C.2, Fig. 4(b))
+# ---------------------------------------------------------------------------------------------
+
+class ResidualBlock(nn.Module):
+    """conv3×3 → LeakyReLU → conv3×3, plus a (strided 1×1) shortcut, then LeakyReLU."""
+
+    def __init__(self, in_channels, out_channels, stride=1):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1),
+            nn.LeakyReLU(0.1, inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.shortcut = (nn.Identity() if stride == 1 and in_channels == out_channels
+                         else nn.Conv2d(in_channels, out_channels, 1, stride=stride))
+
+    def forward(self, x):
+        return F.leaky_relu(self.body(x) + self.shortcut(x), 0.1)
+
+
+class CFE(nn.Module):
+    """Compact Feature Extraction: degraded image (B, 3, H, W) → degradation code Z (B, 128).
+
+    Fig. 4(b) shows residual conv blocks, average pooling and an MLP.
+    # UNSPECIFIED: the paper gives no widths or depths; we use a stem conv and three residual
+    # blocks of 64, 128, 256 channels (the last two strided), global average pooling and a
+    # 256 → 256 → 128 MLP, the shape of AirNet's degradation encoder, which L_cl also trains.
+    Average pooling makes Z independent of the image size, so crops and whole images share it.
+    """
+
+    def __init__(self, channels=(64, 128, 256), code_dim=CODE_DIM):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(3, c1, 3, padding=1), nn.LeakyReLU(0.1, inplace=True),
+            ResidualBlock(c1, c1), ResidualBlock(c1, c2, stride=2), ResidualBlock(c2, c3, stride=2),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())                              # (B, c3)
+        self.mlp = nn.Sequential(nn.Linear(c3, c3), nn.LeakyReLU(0.1, inplace=True), nn.Linear(c3, code_dim))
+
+    def forward(self, degraded):
+        return self.mlp(self.features(degraded))                                 # Z (B, 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# PGM and PGCA: the ETB's guided token mixer (Eq. 6-8, Fig. 4(c))
+# ---------------------------------------------------------------------------------------------
+
+class PGM(nn.Module):
+    """Prompt Guidance Module, Eq. (6): Y_l = F_pgm(F_l, Z, X_l^d) = X_l^d ⊙ (1 + γ) + β.
+
+    (γ, β) ∈ R^C per image come from a linear map of LN(concat(F_l, Z)); the affine modulation
+    is per channel, broadcast over the pixels.
+    # DEVIATION: the paper writes the affine transform as X ⊙ γ + β; we predict 1 + γ with a
+    # zero-initialised map, so every ETB starts as the identity modulation (Y = X) and training
+    # begins from the plain backbone's behaviour instead of a randomly scaled feature.
+    # UNSPECIFIED: the paper does not say how the raw DINOv2 CLS tokens (whose scale grows with
+    # depth) are brought to a common scale; we apply a LayerNorm to concat(F_l, Z) first.
+    """
+
+    def __init__(self, prior_dim, channels):
+        super().__init__()
+        self.norm = nn.LayerNorm(prior_dim)
+        self.to_scale_shift = nn.Linear(prior_dim, 2 * channels)
+        nn.init.zeros_(self.to_scale_shift.weight)
+        nn.init.zeros_(self.to_scale_shift.bias)
+
+    def forward(self, x, prior):
+        gamma, beta = self.to_scale_shift(self.norm(prior)).chunk(2, dim=1)     # 2 × (B, C)
+        return x * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
+
+
+class PriorProjection(nn.Module):
+    """Table X, "w/o PGM": Y_l = X_l^d + W·F_l — F_l alone, projected, no Z and no modulation."""
+
+    def __init__(self, semantic_dim, channels):
+        super().__init__()
+        self.semantic_dim = semantic_dim
+        self.norm = nn.LayerNorm(semantic_dim)
+        self.project = nn.Linear(semantic_dim, channels)
+
+    def forward(self, x, prior):
+        semantic = prior[:, :self.semantic_dim]                                   # F_l, Z dropped
+        return x + self.project(self.norm(semantic))[:, :, None, None]
+
+
+class PGCA(nn.Module):
+    """Prior Guidance Cross Attention, Eq. (7)-(8).
+
+    CrossAtt(Y, X, X) = Softmax(Q̂ · K̂ᵀ · α) · V̂  with Q from Y and K, V from X
+    (1×1 conv + 3×3 depthwise conv each), Q̂, K̂ L2-normalised, α a learnable temperature per
+    head: the transposed (C/heads × C/heads) attention of MDTA, made cross.
+    X^m = proj(CrossAtt(Y, X, X)) + Y   — the paper's F_mpta is this output 1×1 projection.
+    # DEVIATION: the paper divides by α; like Restormer's MDTA we multiply by the learnable α
+    # (the same family of functions; α starts at 1 either way).
+    """
+
+    def __init__(self, dim, num_heads, bias=False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"PGCA: channels ({dim}) must be divisible by heads ({num_heads})")
+        self.num_heads = num_heads
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))             # α
+        self.q = nn.Conv2d(dim, dim, 1, bias=bias)
+        self.q_dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=bias)
+        self.kv = nn.Conv2d(dim, 2 * dim, 1, bias=bias)
+        self.kv_dwconv = nn.Conv2d(2 * dim, 2 * dim, 3, padding=1, groups=2 * dim, bias=bias)
+        self.project_out = nn.Conv2d(dim, dim, 1, bias=bias)
+
+    def forward(self, query_source, key_source, return_attention=False):
+        q = self.q_dwconv(self.q(query_source))                                  # (B, C, H, W)
+        k, v = self.kv_dwconv(self.kv(key_source)).chunk(2, dim=1)                # 2 × (B, C, H, W)
+        out, attn = channel_attention(q, k, v, self.num_heads, self.temperature)  # Eq. (7)
+        out = self.project_out(out)
+        return (out, attn) if return_attention else out
+
+
+class GuidedMixer(nn.Module):
+    """The token mixer of an ETB (Eq. 3): PGM (Eq. 6), then PGCA with its residual (Eq. 8).
+
+        Y   = PGM(F_l, Z, X)                  (or X + W·F_l without PGM, Table X)
+        X^m = proj(CrossAtt(LN(Y), LN(X), LN(X))) + Y
+    LN is the block's own pre-norm (Restormer normalises before every attention).
+    """
+
+    def __init__(self, dim, num_heads, semantic_dim, code_dim=CODE_DIM, use_pgm=True):
+        super().__init__()
+        self.modulate = (PGM(semantic_dim + code_dim, dim) if use_pgm
+                         else PriorProjection(semantic_dim, dim))
+        self.pgca = PGCA(dim, num_heads)
+
+    def forward(self, x, norm, prior):
+        y = self.modulate(x, prior)                                              # Y_l, Eq. (6)
+        return self.pgca(norm(y), norm(x)) + y                                   # X_l^m, Eq. (8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The full network and the ablations of Table X
+# ---------------------------------------------------------------------------------------------
+
+class PerceiveIR(nn.Module):
+    """Perceive-IR's trainable network: a guided backbone + CFE (Fig. 4).
+
+    forward(degraded, semantic=None, positive=None):
+      degraded  I_d (B, 3, H, W) in [0, 1];
+      semantic  F_1..F_4 (B, 4, D) from `SemanticGuidance` (computed outside, frozen);
+      positive  optional second crop of each degraded image: its code Z+ is computed in the same
+                CFE pass (one batched call, and DDP sees every trainable parameter in forward).
+    Returns (I_r, Z) or, with a positive, (I_r, Z, Z+). Z is None for the unguided baseline.
+
+    Table X ablations: use_dino=False replaces F_l by learnable parameters; use_pgm=False guides
+    PGCA by a projection of F_l alone; use_cfe=False replaces Z by a learnable parameter (L_cl is
+    then meaningless and must be switched off); guided=False is the plain backbone, rows (a)/(b).
+    """
+
+    def __init__(self, backbone="restormer", backbone_config="paper", semantic_dim=768, guided=True,
+                 use_dino=True, use_pgm=True, use_cfe=True, code_dim=CODE_DIM):
+        super().__init__()
+        self.guided, self.use_dino, self.use_cfe = guided, use_dino, use_cfe
+        self.semantic_dim, self.code_dim = semantic_dim, code_dim
+
+        def mixer(level, dim, num_heads):
+            return GuidedMixer(dim, num_heads, semantic_dim, code_dim, use_pgm)
+
+        self.backbone = build_backbone(backbone, backbone_config, guided_attention=mixer if guided else None)
+        if not guided:
+            return
+        if use_cfe:
+            self.cfe = CFE(code_dim=code_dim)
+        else:                                                 # Table X, "w/o CFE": Z is learnt
+            self.learned_code = nn.Parameter(torch.zeros(code_dim))
+        if not use_dino:                                      # Table X, "w/o DINO-v2": F_l is learnt
+            self.learned_semantic = nn.Parameter(0.02 * torch.randn(4, semantic_dim))
+
+    def degradation_code(self, images):
+        """Z for each image (B, 128): CFE, or the learnt code of the "w/o CFE" ablation."""
+        if self.use_cfe:
+            return self.cfe(images)
+        return self.learned_code.expand(images.shape[0], -1)
+
+    def priors(self, semantic, code):
+        """The four per-level guidance vectors concat(F_l, Z) (B, D + 128), l = 1..4."""
+        if not self.use_dino:
+            semantic = self.learned_semantic.expand(code.shape[0], -1, -1)        # (B, 4, D)
+        elif semantic is None:
+            raise ValueError("PerceiveIR needs the DINOv2 features: semantic = sgm(degraded)")
+        elif semantic.shape[1:] != (4, self.semantic_dim):
+            raise ValueError(f"semantic features must be (B, 4, {self.semantic_dim}); got "
+                             f"{tuple(semantic.shape)} — was the model built for another DINOv2?")
+        return [torch.cat([semantic[:, level], code], dim=1) for level in range(4)]
+
+    def forward(self, degraded, semantic=None, positive=None):
+        if not self.guided:
+            restored = self.backbone(degraded)
+            return (restored, None, None) if positive is not None else (restored, None)
+        if positive is not None:                              # Z and Z+ in one CFE pass
+            code, code_positive = self.degradation_code(torch.cat([degraded, positive])).chunk(2)
+        else:
+            code = self.degradation_code(degraded)
+        restored = self.backbone(degraded, self.priors(semantic, code))
+        return (restored, code, code_positive) if positive is not None else (restored, code)
+
+
+BACKBONE_GROUPS = {   # top-level backbone modules of Restormer and NAFNet → part of Fig. 4(a)
+    "encoder": ("patch_embed", "encoder_level1", "encoder_level2", "encoder_level3", "down1_2", "down2_3",
+                "down3_4", "intro", "encoders", "downs"),
+    "latent": ("latent", "middle_blks"),
+    "decoder levels": ("up4_3", "up3_2", "up2_1", "reduce_chan_level3", "reduce_chan_level2",
+                       "decoder_level3", "decoder_level2", "decoder_level1", "ups", "decoders"),
+    "refinement + output": ("refinement", "output", "skip_conv", "ending"),
+}
+
+
+GROUP_ORDER = [*BACKBONE_GROUPS, "PGM (Eq. 6)", "PGCA (Eq. 7-8)", "CFE / Z", "learnt F_l (w/o DINOv2)"]
+
+
+def parameter_breakdown(model):
+    """Trainable parameters per module of Fig. 4: encoder, latent, decoder levels, PGM, PGCA, CFE."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".modulate." in name:
+            group = "PGM (Eq. 6)"
+        elif ".pgca." in name:
+            group = "PGCA (Eq. 7-8)"
+        elif name.startswith("cfe.") or name == "learned_code":
+            group = "CFE / Z"
+        elif name == "learned_semantic":
+            group = "learnt F_l (w/o DINOv2)"
+        else:
+            top = name.split(".")[1]                          # backbone.<top>.…
+            group = next(g for g, tops in BACKBONE_GROUPS.items() if top in tops)
+        groups[group] = groups.get(group, 0) + p.numel()
+    return groups
+
+
+if __name__ == "__main__":
+    for name in ("restormer", "nafnet"):
+        model = PerceiveIR(name, "paper")
+        print(f"Perceive-IR ({name}, paper config): {count_parameters(model):,d} trainable parameters "
+              f"(plain backbone {count_parameters(build_backbone(name, 'paper')):,d})")
+        for group, n in sorted(parameter_breakdown(model).items(), key=lambda item: GROUP_ORDER.index(item[0])):
+            print(f"  {group:26s} {n:>12,d}")
+    sgm = build_sgm("tiny")
+    print(f"frozen SGM: {sgm.description}, {count_parameters(sgm, trainable=False):,d} frozen parameters "
+          "(ViT-B/14: 86.6M)")
+    model = PerceiveIR("restormer", "tiny", semantic_dim=sgm.embed_dim).eval()
+    degraded = torch.rand(2, 3, 45, 61)
+    with torch.no_grad():
+        restored, code = model(degraded, sgm(degraded))
+    print(f"tiny Perceive-IR: I_d {tuple(degraded.shape)} -> I_r {tuple(restored.shape)}, Z {tuple(code.shape)}")
