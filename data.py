@@ -1,0 +1,598 @@
+"""Training and test data of Perceive-IR (Sec. IV-A.1, Sec. IV-A.4, Table I, Table IX, Table XIII).
+
+Perceive-IR trains on a mix of degradations and is tested on one at a time (Sec. IV-A.1). Noise is
+added on the fly to clean images; haze, rain, blur and low light come as (degraded, clean) pairs.
+Task sizes differ a hundredfold (Table I: 72,135 hazy pairs, 200 rainy ones), so each task is
+repeated by a resampling ratio (Sec. IV-A.4).
+
+What is in here:
+- `read_image`, `write_image`: PNG, JPEG, WebP, GIF, BMP, TIFF, 8 or 16 bit, as RGB in [0, 1].
+- `scan_training_set`: finds each task (three layouts), pairs and checks every file before training.
+- `TrainDataset`: resampled flipped crops, L_cl's positive (Eq. 12), L_dpl's negatives (Eq. 11).
+- `TripletDataset`: (I_d, I_m, I_g) of stage 1 (Eq. 1); `build_test_sets`: Tables II-V, IX, XIII.
+- `make_demo_data`, `synthetic_*`: an offline data set of all five degradations.
+- `python data.py --check ROOT | --bench [ROOT] | --make-demo DIR`; no argument: a self-check.
+
+Layouts, detected per task under `--data-root`:
+  generic   {train,test}/<task>/<set>/{input,target}/…   clean sets: {train,test}/denoise/<set>/*
+  authors   train/Denoise/gt/…,  train/{Dehaze,Derain,Deblur,Enhance}/{input,gt}/…
+  promptir  Train/Denoise/…, Train/Dehaze/{synthetic,original}/…, Train/Derain/{rainy,gt}/…, with
+            data_dir/{noisy/denoise.txt, hazy/hazy_outside.txt, rainy/rainTrain.txt} (optional)
+An input finds its target by name, or by RESIDE's (0001_0.8_0.2.jpg → 0001.*) or Rain100L's
+(rain-1.png → norain-1.png) naming.
+"""
+
+import argparse
+import math
+import tempfile
+import time
+import warnings
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image, read_file, write_png
+
+TASKS = ("denoise", "dehaze", "derain", "deblur", "lowlight")       # label = index
+TASK_LETTERS = {"N": "denoise", "H": "dehaze", "R": "derain", "B": "deblur", "L": "lowlight"}
+SIGMAS = (15, 25, 50)                                               # Sec. IV-A.1
+UNSEEN_SIGMAS = (60, 100)                                           # Table IX
+RESAMPLE = {"denoise": 3, "dehaze": 1, "derain": 120, "deblur": 5, "lowlight": 200}   # Sec. IV-A.4
+TABLE_I = {"denoise": 400 + 4744, "dehaze": 72135, "derain": 200, "deblur": 2103, "lowlight": 485}
+AUTHORS_NAMES = dict(denoise="Denoise", dehaze="Dehaze", derain="Derain", deblur="Deblur", lowlight="Enhance")
+# PromptIR's Train/<Name>: (input folder, target folder, list file); None = clean images only.
+PROMPTIR = {"denoise": (None, ".", "noisy/denoise.txt"), "derain": ("rainy", "gt", "rainy/rainTrain.txt"),
+            "dehaze": ("synthetic", "original", "hazy/hazy_outside.txt")}
+TORCHVISION_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif"}
+IMAGE_SUFFIXES = TORCHVISION_SUFFIXES | {".bmp", ".tif", ".tiff"}   # BMP/TIFF: PIL (FACTS.md)
+
+
+def parse_tasks(spec):
+    """'N+H+R', 'N+H+R+B+L', 'B+L' (Table XIII) or 'denoise,derain' → task names in TASKS order."""
+    names = [TASK_LETTERS.get(p.strip().upper(), p.strip().lower()) for p in spec.replace(",", "+").split("+")]
+    if not spec.strip() or any(n not in TASKS for n in names):
+        raise ValueError(f"--tasks {spec!r}: expected letters N, H, R, B, L joined by '+' (e.g. N+H+R) "
+                         f"or task names separated by commas ({', '.join(TASKS)})")
+    return tuple(t for t in TASKS if t in names)
+
+
+def _rng(*parts):
+    """A numpy generator seeded through crc32, the same in every process (Python's hash() is not)."""
+    return np.random.default_rng([zlib.crc32(str(p).encode()) for p in parts])
+
+
+# ---------------------------------------------------------------------------------------------
+# Image I/O and noise
+# ---------------------------------------------------------------------------------------------
+
+def read_image(path):
+    """An image file → float32 (3, H, W) in [0, 1]; grayscale → RGB, alpha dropped, 16 bit scaled."""
+    path = Path(path)
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"{path}: unsupported image type {path.suffix!r}; convert it to {sorted(IMAGE_SUFFIXES)}")
+    try:
+        if path.suffix.lower() in TORCHVISION_SUFFIXES:   # (torchvision 0.29 flags this API as deprecated)
+            image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+            image = image[0] if image.dim() == 4 else image              # animated GIF: frame 1
+            return image.float() / (65535.0 if image.dtype == torch.uint16 else 255.0)
+        with Image.open(path) as pil:                                    # "I;16": 16-bit grayscale
+            wide = pil.mode.startswith("I")
+            array = np.asarray(pil if wide else pil.convert("RGB"), np.float32) / (65535.0 if wide else 255.0)
+    except (RuntimeError, OSError, ValueError, SyntaxError) as error:
+        raise ValueError(f"cannot read image {path}: {error}. Replace or remove the file.") from error
+    image = torch.from_numpy(array.clip(0, 1))
+    return image.expand(3, -1, -1).contiguous() if wide else image.permute(2, 0, 1).contiguous()
+
+
+def write_image(path, image):
+    """(3, H, W) in [0, 1] → 8-bit PNG (rounded); creates the parent folders."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_png((image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8), str(path))
+
+
+def quantize(image):
+    """Round to the nearest 8-bit level, as saving to PNG does."""
+    return (image * 255).round() / 255
+
+
+def add_gaussian_noise(clean, sigma, rng):
+    """I_d = Q(clip(I_g + σ/255 · n)), n ~ N(0, 1) i.i.d., Q = 8-bit rounding (Sec. IV-A.1)."""
+    # UNSPECIFIED: the paper does not say how noise is stored; PromptIR truncates to uint8 (−½ level), we round.
+    noise = torch.from_numpy(rng.standard_normal(tuple(clean.shape), dtype=np.float32))
+    return quantize((clean + noise * (sigma / 255)).clamp(0, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and checking the images (Table I)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    """One training image; `input_path` is None for clean-only denoising images."""
+    task: str
+    key: str                 # POSIX path below the task folder, without the input/target level
+    input_path: Path | None
+    target_path: Path
+
+
+def _images(folder, problems):
+    """Image files below `folder`, sorted; other files are problems, except notes and dotfiles."""
+    notes = {".txt", ".md", ".json", ".csv"}
+    paths = sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith("."))
+    problems += [f"{p}: unsupported file type {p.suffix!r} (remove it or convert it to PNG)"
+                 for p in paths if p.suffix.lower() not in IMAGE_SUFFIXES | notes]
+    return [p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _probe(path, problems, sizes):
+    """Header-level check, no decoding: PIL must recognise the file and read its size, and verify()
+    must pass (PNG: every chunk's CRC, so truncation fails). ~0.05-0.3 ms a file: 80K in < 1 min."""
+    if path not in sizes:
+        try:
+            with Image.open(path) as pil:
+                sizes[path] = pil.size
+                pil.verify()
+        except Exception as error:                    # PIL raises many types for broken files
+            problems.append(f"{path}: unreadable or corrupt image ({type(error).__name__}: {error}); replace it")
+            sizes[path] = None
+    return sizes[path]
+
+
+def _pair_folder(inputs, input_dir, target_dir, problems, sizes):
+    """[(input, target)] for the input files, with their sizes checked."""
+    by_relative, by_stem = {}, defaultdict(list)
+    for target in _images(target_dir, problems):
+        by_relative[target.relative_to(target_dir).with_suffix("").as_posix()] = target
+        by_stem[target.stem].append(target)
+    pairs = []
+    for source in inputs:
+        # Target names to try: the same, Rain100L's rain-N → norain-N, RESIDE's <id>_<A>_<β> → <id>.
+        stem, parent = source.stem, source.relative_to(input_dir).parent
+        stems = [stem] + ["no" + stem] * stem.startswith("rain-") + [stem.split("_")[0]] * ("_" in stem)
+        target = next((t for s in stems if (t := by_relative.get((parent / s).as_posix())
+                                            or (by_stem[s][0] if len(by_stem.get(s, ())) == 1 else None))), None)
+        if target is None:
+            problems.append(f"{source}: missing target (no {' or '.join(stems)}.* in {target_dir})")
+            continue
+        size_in, size_out = _probe(source, problems, sizes), _probe(target, problems, sizes)
+        if size_in and size_out and size_in != size_out:
+            problems.append(f"size mismatch: {source} is {size_in[0]}x{size_in[1]} but its target "
+                            f"{target} is {size_out[0]}x{size_out[1]}: crop one to match the other")
+        elif size_in and size_out:
+            pairs.append((source, target))
+    return pairs
+
+
+def _set_folders(folder, task):
+    """[(set name, input dir or None, target dir)] if `folder` is one image set, else []."""
+    target = next((folder / n for n in ("target", "gt", "GT") if (folder / n).is_dir()), None)
+    if target and (folder / "input").is_dir():
+        return [(folder.name, folder / "input", target)]
+    if task == "denoise" and (target or any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())):
+        return [(folder.name, None, target or folder)]
+    return []
+
+
+def _sets_below(folder, task, problems):
+    """The image sets in the subfolders of a task folder; a subfolder that is none is a problem."""
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir())
+    problems += [f"{d}: not an image set (needs input/ and target/{' or images' * (task == 'denoise')})"
+                 for d in subfolders if not _set_folders(d, task)]
+    return [s for d in subfolders for s in _set_folders(d, task)]
+
+
+def _locate(root, split, task, problems):
+    """(layout, task folder, [(key prefix, input dir, target dir, list file)]) or None."""
+    name, folder = AUTHORS_NAMES[task], root / "Train" / AUTHORS_NAMES[task]
+    if split == "train" and task in PROMPTIR and folder.is_dir():
+        input_name, target_name, list_name = PROMPTIR[task]
+        flat = _set_folders(folder, task) == [(name, None, folder)]          # images right in the folder
+        if (folder / input_name).is_dir() if input_name else flat:
+            list_file = next((d / "data_dir" / list_name for d in (root, root.parent)
+                              if (d / "data_dir" / list_name).is_file()), None)
+            return "promptir", folder, [("", input_name and folder / input_name, folder / target_name, list_file)]
+    folder = root / split / name
+    if folder.is_dir() and (sets := _set_folders(folder, task)):
+        return "authors", folder, [("", i, t, None) for _, i, t in sets]
+    folder = root / split / task
+    if folder.is_dir():
+        return "generic", folder, [(f"{n}/", i, t, None) for n, i, t in _sets_below(folder, task, problems)]
+    return None
+
+
+def _raise(problems, where):
+    shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+    raise ValueError(f"{len(problems)} problem(s) in the images under {where} "
+                     f"(`python data.py --check ROOT` lists them all):\n  {shown}")
+
+
+def scan_training_set(root, tasks, split="train", strict=True):
+    """Find, pair and check the images of `tasks` under `root` → (samples, report), where report =
+    {"found": {task: {"layout", "folder", "pairs"}}, "problems": [str]}. Found here, before training:
+    unsupported or corrupt files, inputs without a target, size mismatches, listed files that are
+    missing, empty or missing task folders. strict=True raises them as one ValueError."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data-root {root} does not exist")
+    samples, sizes, report = [], {}, {"found": {}, "problems": []}
+    problems = report["problems"]
+    for task in tasks:
+        letter = next(k for k, v in TASK_LETTERS.items() if v == task)
+        located = _locate(root, split, task, problems)
+        if located is None:
+            problems.append(f"task {task!r}: no {split}/{task}/<set>/, {split}/{AUTHORS_NAMES[task]}/ or Train/"
+                            f"{AUTHORS_NAMES[task]}/ under {root}: add the data or drop {letter} from --tasks")
+            continue
+        layout, folder, sources = located
+        found = []
+        for prefix, input_dir, target_dir, list_file in sources:
+            inputs = _images(input_dir or target_dir, problems)
+            if list_file is not None:                      # PromptIR trains on the listed files only
+                listed = {line.strip() for line in list_file.read_text().splitlines() if line.strip()}
+                relative = {p.relative_to(folder).as_posix(): p for p in inputs}
+                problems += [f"{folder / e}: in {list_file} but missing" for e in sorted(listed - set(relative))]
+                inputs, layout = [p for r, p in relative.items() if r in listed], layout + " (lists)"
+            if input_dir is None:
+                found += [Sample(task, prefix + p.relative_to(target_dir).as_posix(), None, p)
+                          for p in inputs if _probe(p, problems, sizes)]
+            else:
+                found += [Sample(task, prefix + s.relative_to(input_dir).as_posix(), s, t)
+                          for s, t in _pair_folder(inputs, input_dir, target_dir, problems, sizes)]
+        if not found:
+            problems.append(f"task {task!r}: no usable images in {folder}: add them or drop {letter} from --tasks")
+        report["found"][task] = {"layout": layout, "folder": str(folder), "pairs": len(found)}
+        samples += found
+    if strict and problems:
+        _raise(problems, root)
+    return samples, report
+
+
+def keyed_path(folder, task, key):
+    """`<folder>/<task>/<key with suffix .png>`: medium images and proxy negatives (INTERFACES.md)."""
+    return Path(folder) / task / PurePosixPath(key).with_suffix(".png")
+
+
+def _same_size(image, target, path, target_path):
+    if image.shape != target.shape:
+        raise ValueError(f"size mismatch: {path} is {image.shape[2]}x{image.shape[1]} but "
+                         f"{target_path} is {target.shape[2]}x{target.shape[1]}")
+
+
+def load_pair(sample, sigmas=SIGMAS):
+    """Full-size (degraded, target, σ). For denoising, σ and the noise are fixed by the key, so the
+    stage-1 medium image rendered from this input and the later triplet see the same noisy image."""
+    target = read_image(sample.target_path)
+    if sample.input_path is not None:
+        degraded = read_image(sample.input_path)
+        _same_size(degraded, target, sample.input_path, sample.target_path)
+        return degraded, target, 0
+    sigma = sigmas[zlib.crc32(sample.key.encode()) % len(sigmas)]
+    return add_gaussian_noise(target, sigma, _rng(sample.task, sample.key, sigma)), target, sigma
+
+
+# ---------------------------------------------------------------------------------------------
+# Training patches (Sec. IV-A.4) and stage-1 triplets (Sec. III-B)
+# ---------------------------------------------------------------------------------------------
+
+def _pad_to(images, size, path, warned):
+    """Reflect-pad equally sized (3, H, W) images to at least size × size; warn once per file."""
+    H, W = images[0].shape[-2:]
+    if H >= size and W >= size:
+        return images
+    if path not in warned:
+        warned.add(path)
+        warnings.warn(f"{path} is {W}x{H}, smaller than the {size}x{size} patch: reflect-padded")
+    pad_h, pad_w = max(size - H, 0), max(size - W, 0)
+    mode = "reflect" if (pad_h + 1) // 2 < H and (pad_w + 1) // 2 < W else "replicate"   # reflection < side
+    return list(F.pad(torch.stack(images), (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), mode))
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Resampled training patches of the restoration stage (Sec. IV-A.4). Item (INTERFACES.md):
+    "degraded" I_d, "positive" (another crop of the same degraded image: L_cl's Z⁺, Eq. 12), "target"
+    I_g, "negatives" (Q, 3, P, P) N_q of Eq. (11) from `<dir>/<task>/<key>.png` cropped like the
+    target, "negative_mask" (Q,), "task", "sigma", "key".
+    Randomness comes from (seed, epoch, rank, index) only: reproducible, different per rank and
+    epoch, and the same whichever DataLoader worker draws the index."""
+
+    def __init__(self, samples, patch_size=128, negative_dirs=(), resample=None, sigmas=SIGMAS, seed=0, rank=0):
+        self.samples, self.patch_size, self.sigmas = list(samples), patch_size, tuple(sigmas)
+        self.negative_dirs, self.seed, self.rank = [Path(d) for d in negative_dirs], seed, rank
+        self.resample, self.padded = RESAMPLE if resample is None else resample, set()
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()   # seen by persistent workers
+        # Sec. IV-A.4: each sample of task t appears resample[t] times per epoch (copies 0..r-1).
+        ratios = [int(self.resample.get(s.task, 1)) for s in self.samples]
+        self.sample_index = np.repeat(np.arange(len(self.samples)), ratios)
+        self.copy_index = np.concatenate([np.arange(r) for r in ratios]) if ratios else np.zeros(0, int)
+
+    def set_epoch(self, epoch):
+        self._epoch.fill_(epoch)
+
+    def __len__(self):
+        return len(self.sample_index)
+
+    def __getitem__(self, index):
+        sample = self.samples[self.sample_index[index]]
+        copy, epoch, P = int(self.copy_index[index]), int(self._epoch), self.patch_size
+        rng = _rng(self.seed, epoch, self.rank, index)
+        target = read_image(sample.target_path)
+        images = [target if sample.input_path is None else read_image(sample.input_path), target]
+        _same_size(images[0], target, sample.input_path or sample.target_path, sample.target_path)
+        negative_paths = [keyed_path(folder, sample.task, sample.key) for folder in self.negative_dirs]
+        mask = [path.is_file() for path in negative_paths]
+        for path in (p for p, present in zip(negative_paths, mask) if present):
+            images.append(read_image(path))
+            _same_size(images[-1], target, path, sample.target_path)
+        degraded, target, *negatives = _pad_to(images, P, sample.input_path or sample.target_path, self.padded)
+        H, W = target.shape[-2:]
+        (y, x), (y2, x2) = rng.integers(0, [H - P + 1, W - P + 1], size=(2, 2))   # crop, positive crop
+        sigma, top, left = 0, 0, 0
+        if sample.input_path is None:
+            # UNSPECIFIED: how σ is drawn (paper: ratio 3, σ ∈ {15, 25, 50}; PromptIR code: 3 copies per σ);
+            # copy c gets σ[(c + epoch + crc(key)) mod 3], so each image sees every σ once per epoch.
+            sigma = self.sigmas[(copy + epoch + zlib.crc32(sample.key.encode())) % len(self.sigmas)]
+            # Noise the region holding both crops once, so the positive shares the realisation.
+            top, left = min(y, y2), min(x, x2)
+            degraded = add_gaussian_noise(target[:, top:max(y, y2) + P, left:max(x, x2) + P], sigma, rng)
+        boxes = [(degraded, y - top, x - left), (degraded, y2 - top, x2 - left)]      # I_d, Z⁺ (same image)
+        boxes += [(image, y, x) for image in [target] + negatives]                  # I_g, N_q: aligned with I_d
+        patches = [image[:, a:a + P, b:b + P] for image, a, b in boxes]
+        flips = [d for d, flip in zip((-1, -2), rng.random(2) < 0.5) if flip]   # horizontal, vertical
+        patches = [p.flip(flips) if flips else p.clone() for p in patches]
+        stack = torch.zeros(len(mask), 3, P, P)         # missing negatives stay zero, mask False
+        if any(mask):
+            stack[torch.tensor(mask)] = torch.stack(patches[3:])
+        return {"degraded": patches[0], "positive": patches[1], "target": patches[2], "negatives": stack,
+                "negative_mask": torch.tensor(mask, dtype=torch.bool), "sigma": torch.tensor(float(sigma)),
+                "task": torch.tensor(TASKS.index(sample.task)), "key": sample.key}
+
+
+class TripletDataset(torch.utils.data.Dataset):
+    """(I_d, I_m, I_g) triplets of the prompt-learning stage (Sec. III-B, Eq. 1). I_m is the stage-1
+    medium-quality image `<medium_dir>/<task>/<key>.png`; `transform` (e.g. CLIP's resize and crop),
+    if given, is applied to each of the three full images separately."""
+
+    def __init__(self, samples, medium_dir, sigmas=SIGMAS, transform=None):
+        self.samples, self.sigmas, self.transform = list(samples), tuple(sigmas), transform
+        self.medium = [keyed_path(medium_dir, s.task, s.key) for s in self.samples]
+        missing = [str(p) for p in self.medium if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} medium-quality image(s) missing under --medium-dir "
+                                    f"{medium_dir}, e.g. {missing[0]}: render them with stage 1 first")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        sample = self.samples[index]
+        degraded, target, _ = load_pair(sample, self.sigmas)
+        images = [degraded, read_image(self.medium[index]), target]
+        images = [self.transform(image) for image in images] if self.transform else images
+        return {"degraded": images[0], "medium": images[1], "target": images[2],
+                "task": torch.tensor(TASKS.index(sample.task)), "key": sample.key}
+
+
+# ---------------------------------------------------------------------------------------------
+# Test protocols (Tables II-V, IX, XIII)
+# ---------------------------------------------------------------------------------------------
+
+class TestSet(torch.utils.data.Dataset):
+    """One test set at one σ (denoising) or as stored (paired); items {"degraded", "target", "name"}."""
+    __test__ = False                                           # not a pytest class, despite the name
+
+    def __init__(self, name, task, pairs, sigma=None, crop_multiple=None):
+        self.name, self.task, self.pairs = name, task, pairs     # pairs: [(input or None, target)]
+        self.sigma, self.crop_multiple = sigma, crop_multiple
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        source, target_path = self.pairs[index]
+        name = (source or target_path).name
+        target = read_image(target_path)
+        if self.sigma is None:
+            degraded = read_image(source)
+            _same_size(degraded, target, source, target_path)
+        else:   # UNSPECIFIED: the test noise seed; ours is the file name and σ, never the listing order
+            degraded = add_gaussian_noise(target, self.sigma, _rng("test", name, self.sigma))
+        if self.crop_multiple:       # UNSPECIFIED in the paper; PromptIR-family protocol: centre crop to k · m
+            (H, W), m = target.shape[-2:], self.crop_multiple
+            top, left = H % m // 2, W % m // 2
+            degraded, target = (i[:, top:top + H // m * m, left:left + W // m * m] for i in (degraded, target))
+        return {"degraded": degraded, "target": target, "name": name}
+
+
+def build_test_sets(root, tasks, sigmas=SIGMAS, crop_multiple=None):
+    """Every test set of `tasks` under `root/test` (or `root`): one TestSet per (set, σ) for
+    denoising (CBSD68, Urban100, Kodak24; Table IX: σ = 60, 100), one per set otherwise."""
+    root = Path(root)
+    base = next((root / s for s in ("test", "Test") if (root / s).is_dir()), root)
+    test_sets, problems, sizes = [], [], {}
+    for task in tasks:
+        names = (task, AUTHORS_NAMES[task], task.capitalize())
+        folder = next((base / n for n in names if (base / n).is_dir()), None)
+        if folder is None:
+            raise FileNotFoundError(f"no test folder for {task!r} under {base} (tried {', '.join(names)}): "
+                                    "add it or drop the task from --tasks")
+        for name, input_dir, target_dir in _set_folders(folder, task) or _sets_below(folder, task, problems):
+            if input_dir is None:
+                clean = [(None, p) for p in _images(target_dir, problems) if _probe(p, problems, sizes)]
+                test_sets += [TestSet(name, task, clean, sigma, crop_multiple) for sigma in sigmas]
+            else:
+                pairs = _pair_folder(_images(input_dir, problems), input_dir, target_dir, problems, sizes)
+                test_sets.append(TestSet(name, task, pairs, None, crop_multiple))
+    if problems:
+        _raise(problems, base)
+    return test_sets
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in demo data: procedural clean images and synthetic degradations (no downloads)
+# ---------------------------------------------------------------------------------------------
+
+def synthetic_clean_image(rng, height, width):
+    """A colour gradient with flat, striped and checkered shapes and a fine texture, 8-bit levels."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32) / max(height, width)
+    start, end, angle = *rng.uniform(0.1, 0.9, (2, 3)), rng.uniform(0, 2 * math.pi)
+    ramp = x * math.cos(angle) + y * math.sin(angle)
+    image = start + (end - start) * ((ramp - ramp.min()) / (ramp.max() - ramp.min()))[..., None]   # (H, W, 3)
+    for _ in range(rng.integers(4, 8)):                 # rectangles and discs: flat, striped, checkered
+        cy, cx, radius, frequency, aspect = *rng.uniform(0, 1, 2), *rng.uniform([0.06, 8, 0.4], [0.25, 30, 1.5])
+        colour, kind = rng.uniform(0, 1, 3), int(rng.integers(6))
+        inside = (np.hypot(x - cx, y - cy) < radius) if kind % 2 else \
+            (abs(x - cx) < radius) & (abs(y - cy) < radius * aspect)
+        pattern = (np.ones_like(x), 0.5 + 0.5 * np.sin(frequency * (x + y)),
+                   (np.floor(x * frequency) + np.floor(y * frequency)) % 2)[kind // 2]
+        image[inside] = pattern[inside][:, None] * colour
+    image += 0.03 * np.sin(rng.uniform(60, 120) * x + rng.uniform(0, 6))[..., None]
+    return quantize(torch.from_numpy(image.clip(0, 1).astype(np.float32)).permute(2, 0, 1))
+
+
+def _convolve(image, kernel):
+    """(3, H, W) ⊛ (k, k) kernel (k odd), reflect-padded, same size."""
+    kernel, pad = torch.as_tensor(kernel, dtype=torch.float32).flip(0, 1), len(kernel) // 2
+    padded = F.pad(image[None], (pad, pad, pad, pad), mode="reflect")
+    return F.conv2d(padded, kernel[None, None].expand(3, 1, -1, -1), groups=3)[0]
+
+
+def motion_kernel(rng, size, direction, turning):
+    """A size × size trajectory kernel summing to 1: 48 unit steps starting along `direction`
+    (radians, 90° = down), each turned by N(0, turning²) noise; turning = 0 draws a straight line."""
+    velocity, points = np.array([math.sin(direction), math.cos(direction)]), [np.zeros(2)]
+    for _ in range(48):
+        velocity = velocity + rng.normal(0, turning, 2)
+        velocity /= np.linalg.norm(velocity)
+        points.append(points[-1] + velocity)
+    points = np.array(points) - np.mean(points, axis=0)                         # (49, 2) row, column
+    rows, cols = np.round(points * (size // 2) / np.abs(points).max() + size // 2).astype(int).T
+    kernel = np.zeros((size, size), np.float32)
+    np.add.at(kernel, (rows, cols), 1.0)
+    return kernel / kernel.sum()
+
+
+def synthetic_haze(clean, rng):
+    """Atmospheric scattering (how RESIDE is made): I = J·t + A(1 − t), t = e^{−βd}, with depth d
+    growing towards the top of the image plus smooth bumps, β ∈ [0.4, 1.0], A ∈ [0.75, 0.95]."""
+    H, W = clean.shape[-2:]
+    y, x = np.mgrid[0:H, 0:W].astype(np.float32) / [[[H]], [[W]]]
+    waves, phases = rng.uniform(2, 6, 2), rng.uniform(0, 6, 2)
+    depth = 0.3 + 1.5 * (1 - y) + 0.3 * np.sin(waves[0] * x + phases[0]) * np.sin(waves[1] * y + phases[1])   # d
+    transmission = torch.from_numpy(np.exp(-rng.uniform(0.4, 1.0) * depth).astype(np.float32))   # t
+    airlight = torch.from_numpy(rng.uniform(0.75, 0.95) + rng.uniform(-0.03, 0.03, (3, 1, 1))).float()   # A
+    return quantize((clean * transmission + airlight * (1 - transmission)).clamp(0, 1))
+
+
+def synthetic_rain(clean, rng):
+    """Rain streaks: sparse drops smeared along one direction (±20° from vertical), added on top."""
+    H, W = clean.shape[-2:]
+    drops = (rng.random((H, W)) < rng.uniform(0.002, 0.006)) * rng.uniform(0.5, 1.0, (H, W))
+    kernel = motion_kernel(rng, int(rng.integers(4, 9)) * 2 + 1, math.radians(90 + rng.uniform(-20, 20)), 0.0)
+    streaks = _convolve(torch.from_numpy(drops.astype(np.float32)).expand(3, -1, -1), kernel / kernel.max())
+    return quantize((clean + rng.uniform(0.6, 0.9) * streaks.clamp(0, 1)).clamp(0, 1))
+
+
+def synthetic_motion_blur(clean, rng):
+    """Motion blur with a random camera-shake kernel of 9 to 17 pixels."""
+    kernel = motion_kernel(rng, int(rng.integers(4, 9)) * 2 + 1, rng.uniform(0, 2 * math.pi), 0.35)
+    return quantize(_convolve(clean, kernel).clamp(0, 1))
+
+
+def synthetic_low_light(clean, rng):
+    """Low light (LOL-like): I = s·J^γ + n, γ ∈ [1.5, 2.5] (shadows darken most), exposure
+    s ∈ [0.1, 0.3], Gaussian sensor noise n of σ ∈ [0.005, 0.02]."""
+    noise = torch.from_numpy(rng.standard_normal(tuple(clean.shape), dtype=np.float32))
+    dark = rng.uniform(0.1, 0.3) * clean ** rng.uniform(1.5, 2.5)
+    return quantize((dark + rng.uniform(0.005, 0.02) * noise).clamp(0, 1))
+
+
+SYNTHESIS = {"dehaze": synthetic_haze, "derain": synthetic_rain, "deblur": synthetic_motion_blur,
+             "lowlight": synthetic_low_light}              # denoising: noise is added on the fly
+
+
+def make_demo_data(root, seed=0, train_count=12, test_count=3, size_range=(128, 160)):
+    """Write a small generic-layout data set of all five tasks (set "demo") to `root`; returns root."""
+    root, threads = Path(root), torch.get_num_threads()
+    torch.set_num_threads(1)              # tiny tensors: extra threads only contend (5x slower here)
+    for split, count in (("train", train_count), ("test", test_count)):
+        for task in TASKS:
+            for i in range(count):
+                rng = _rng(seed, split, task, i)
+                clean = synthetic_clean_image(rng, *rng.integers(size_range[0], size_range[1] + 1, 2))
+                folder, name = root / split / task / "demo", f"{i:04d}.png"
+                write_image(folder / name if task == "denoise" else folder / "target" / name, clean)
+                if task != "denoise":
+                    write_image(folder / "input" / name, SYNTHESIS[task](clean, rng))
+    torch.set_num_threads(threads)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: --check, --bench, --make-demo, and a self-check
+# ---------------------------------------------------------------------------------------------
+
+def check(root, tasks):
+    """Print layouts and counts next to Table I's, and every problem; returns the problem count."""
+    _, report = scan_training_set(root, tasks, strict=False)
+    found, problems = report["found"], report["problems"]
+    print(f"{'task':9s} {'layout':17s} {'pairs':>6s} {'ratio':>5s} {'resampled':>9s} {'Table I':>7s}  folder")
+    for task, f in found.items():
+        print(f"{task:9s} {f['layout']:17s} {f['pairs']:6d} {RESAMPLE[task]:5d} {f['pairs'] * RESAMPLE[task]:9d} "
+              f"{TABLE_I[task]:7d}  {f['folder']}")
+    print(f"setting {'+'.join(k for k, v in TASK_LETTERS.items() if v in tasks)}: "
+          f"{sum(f['pairs'] for f in found.values())} pairs (Table I: {sum(TABLE_I[t] for t in tasks)}), "
+          f"{sum(f['pairs'] * RESAMPLE[t] for t, f in found.items())} resampled samples per epoch (Sec. IV-A.4)")
+    print("".join(f"PROBLEM: {p}\n" for p in problems) + f"{len(problems)} problem(s)")
+    return len(problems)
+
+
+def bench(root=None, patch_size=128, seconds=4.0):
+    """Training patches per second in one process with one thread, i.e. per DataLoader worker."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tasks = [t for t in TASKS if root and (found := _locate(Path(root), "train", t, [])) and found[2]]
+        if not tasks:
+            root, tasks = make_demo_data(Path(tmp) / "demo"), list(TASKS)
+        samples = scan_training_set(root, tasks)[0]
+        dataset = TrainDataset(samples, patch_size, resample={t: 1 for t in TASKS})   # every image alike
+        order, count, start = np.random.default_rng(0).permutation(len(dataset)), 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            dataset[int(order[count % len(order)])]
+            count += 1
+        print(f"{count / (time.perf_counter() - start):.1f} training patches/s per loader worker ({patch_size}x"
+              f"{patch_size} crops, tasks {'+'.join(tasks)}, {len(samples)} images under {root})")
+
+
+def main(args):
+    tasks = parse_tasks(args.tasks)
+    if args.make_demo:
+        print(f"demo data written to {make_demo_data(args.make_demo, args.seed)}")
+    elif args.check:
+        raise SystemExit(1 if check(args.check, tasks) else 0)
+    elif args.bench is not None:
+        bench(args.bench or None)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            check(make_demo_data(tmp, args.seed), tasks)
+            item = TrainDataset(scan_training_set(tmp, tasks)[0])[0]
+            print("TrainDataset item:", ", ".join(f"{k} {tuple(v.shape)}" for k, v in item.items() if k != "key"))
+            print("test sets:", [(s.task, s.name, s.sigma, len(s)) for s in build_test_sets(tmp, tasks)])
+
+
+def get_args():
+    parser = argparse.ArgumentParser(description="Perceive-IR data: check, benchmark, demo (Sec. IV-A, Table I)")
+    parser.add_argument("--check", metavar="ROOT", help="scan ROOT; print layouts, counts and problems")
+    parser.add_argument("--bench", metavar="ROOT", nargs="?", const="", help="patches/s per loader worker")
+    parser.add_argument("--make-demo", metavar="DIR", help="write the built-in demo data set to DIR")
+    parser.add_argument("--tasks", default="N+H+R+B+L", help="N+H+R or N+H+R+B+L (Sec. IV-A.1), or a subset")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the demo data")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main(get_args())
