@@ -386,6 +386,26 @@ def medium_path(medium_dir, task, key):
     return Path(medium_dir) / task / key.with_suffix(".png")
 
 
+@torch.no_grad()
+def render_medium_images(restorer, samples, medium_dir, sigmas, device="cpu", tile=512, overlap=32):
+    """Restore each sample's whole degraded image (tiled, so any size fits) into `medium_path`.
+
+    Files are written under a temporary name and renamed, and existing ones are skipped, so an
+    interrupted rendering resumes where it stopped. The denoising inputs are data.load_pair's
+    deterministic noisy images, the same ones stage 1 later pairs with these restorations.
+    """
+    import data                                               # lazily: data is a sibling module
+    from backbone import tiled_forward
+    for sample in samples:
+        path = medium_path(medium_dir, sample.task, sample.key)
+        if path.is_file():
+            continue
+        degraded, _, _ = data.load_pair(sample, sigmas)
+        restored = tiled_forward(restorer, degraded[None].to(device), tile, overlap)[0]
+        data.write_image(path.with_name(path.stem + ".tmp.png"), restored)
+        os.replace(path.with_name(path.stem + ".tmp.png"), path)
+
+
 def write_medium_manifest(medium_dir, entries, info):
     """manifest.json of the `--medium-dir`: the restorer (`info`: name, config, ...) and, per image,
     task, key, its fold, the fold whose model restored it and its path relative to the folder."""

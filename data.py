@@ -297,12 +297,14 @@ class TrainDataset(torch.utils.data.Dataset):
     "degraded" I_d, "positive" (another crop of the same degraded image: L_cl's Z⁺, Eq. 12), "target"
     I_g, "negatives" (Q, 3, P, P) N_q of Eq. (11) from `<dir>/<task>/<key>.png` cropped like the
     target, "negative_mask" (Q,), "task", "sigma", "key".
-    Randomness comes from (seed, epoch, rank, index) only: reproducible, different per rank and
-    epoch, and the same whichever DataLoader worker draws the index."""
+    Randomness comes from (seed, epoch, index) only: reproducible, different per epoch, and the same
+    whichever DataLoader worker draws the index. Ranks differ because a DistributedSampler hands each
+    index of an epoch to exactly one rank; and a global batch is augmented identically however many
+    processes share it, which is what lets a 2-process run match a 1-process run step for step."""
 
-    def __init__(self, samples, patch_size=128, negative_dirs=(), resample=None, sigmas=SIGMAS, seed=0, rank=0):
+    def __init__(self, samples, patch_size=128, negative_dirs=(), resample=None, sigmas=SIGMAS, seed=0):
         self.samples, self.patch_size, self.sigmas = list(samples), patch_size, tuple(sigmas)
-        self.negative_dirs, self.seed, self.rank = [Path(d) for d in negative_dirs], seed, rank
+        self.negative_dirs, self.seed = [Path(d) for d in negative_dirs], seed
         self.resample, self.padded = RESAMPLE if resample is None else resample, set()
         self._epoch = torch.zeros((), dtype=torch.long).share_memory_()   # seen by persistent workers
         # Sec. IV-A.4: each sample of task t appears resample[t] times per epoch (copies 0..r-1).
@@ -319,7 +321,7 @@ class TrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         sample = self.samples[self.sample_index[index]]
         copy, epoch, P = int(self.copy_index[index]), int(self._epoch), self.patch_size
-        rng = _rng(self.seed, epoch, self.rank, index)
+        rng = _rng(self.seed, epoch, index)
         target = read_image(sample.target_path)
         images = [target if sample.input_path is None else read_image(sample.input_path), target]
         _same_size(images[0], target, sample.input_path or sample.target_path, sample.target_path)

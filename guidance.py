@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from backbone import build_backbone, channel_attention, count_parameters
 
 CODE_DIM = 128                      # Z ∈ R^{1×128} (Sec. III-C.2)
+CFE_WIDTHS = {"paper": (64, 128, 256), "tiny": (16, 32, 64)}   # follow the backbone's named config
 DINO_BLOCKS = (0, 3, 7, 11)         # Eq. (5): i = 1, 4, 8, 12, 1-based → 0-based block indices
 
 
@@ -84,7 +85,9 @@ def build_sgm(variant="base", weights=None):
     else:
         raise ValueError(f"unknown DINOv2 variant {variant!r}; choose 'base' or 'tiny' (--dino)")
     try:
-        vit = timm.create_model(name, pretrained=pretrained, img_size=size, **kwargs, **overlay)
+        with torch.random.fork_rng(devices=[]):              # a random stand-in is the same in every
+            torch.manual_seed(0)                              # process and when evaluate.py rebuilds it
+            vit = timm.create_model(name, pretrained=pretrained, img_size=size, **kwargs, **overlay)
     except Exception as error:                               # hub unreachable, bad file, ...
         source = f"the file {weights}" if weights else "the Hugging Face hub"
         raise RuntimeError(
@@ -266,7 +269,7 @@ class PerceiveIR(nn.Module):
         if not guided:
             return
         if use_cfe:
-            self.cfe = CFE(code_dim=code_dim)
+            self.cfe = CFE(CFE_WIDTHS["tiny" if backbone_config == "tiny" else "paper"], code_dim)
         else:                                                 # Table X, "w/o CFE": Z is learnt
             self.learned_code = nn.Parameter(torch.zeros(code_dim))
         if not use_dino:                                      # Table X, "w/o DINO-v2": F_l is learnt

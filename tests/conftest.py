@@ -11,6 +11,12 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 
+def pytest_configure(config):
+    # torchvision 0.29 flags its image decoders as deprecated on every call (FACTS.md still
+    # recommends them; they work): keep the test report readable.
+    config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
+
 @pytest.fixture
 def shared_dir():
     """`../shared` next to the checkout (benchmark images, reference values); skip if absent."""

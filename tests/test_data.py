@@ -170,13 +170,14 @@ def test_positive_is_another_crop_of_the_same_noise_realisation(tmp_path):
     assert any(shifts)
 
 
-def test_augmentation_is_reproducible_and_differs_per_epoch_and_rank_even_in_persistent_workers(tmp_path):
+def test_augmentation_is_reproducible_and_differs_per_epoch_index_and_seed_even_in_persistent_workers(tmp_path):
     save(tmp_path / "train/denoise/S/a.png", coded_image(40, 50))
     samples, _ = scan_training_set(tmp_path, ("denoise",))
     first, again = TrainDataset(samples, 16), TrainDataset(samples, 16)
-    other_rank = TrainDataset(samples, 16, rank=1)
+    other_seed = TrainDataset(samples, 16, seed=1)
     assert torch.equal(first[0]["degraded"], again[0]["degraded"])
-    assert not torch.equal(first[0]["degraded"], other_rank[0]["degraded"])
+    assert not torch.equal(first[0]["degraded"], other_seed[0]["degraded"])
+    assert not torch.equal(first[0]["degraded"], first[1]["degraded"])      # copies of one image differ
     epoch0 = first[0]["degraded"]
     first.set_epoch(1)
     assert not torch.equal(epoch0, first[0]["degraded"])

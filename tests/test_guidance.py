@@ -197,3 +197,12 @@ def test_parameter_breakdown_adds_up_to_the_trainable_count(sgm):
     replaced_mdta = 8 * (4 * 384**2 + 9 * 3 * 384 + 8) + 6 * (4 * 192**2 + 9 * 3 * 192 + 4) \
         + 6 * (4 * 96**2 + 9 * 3 * 96 + 2) + 4 * (4 * 96**2 + 9 * 3 * 96 + 1)
     assert count_parameters(model) - guided == 26_126_644 - replaced_mdta
+
+
+def test_the_random_tiny_stand_in_is_the_same_in_every_process_and_rebuild():
+    torch.manual_seed(1)
+    first = build_sgm("tiny")
+    torch.manual_seed(2)
+    second = build_sgm("tiny")
+    image = torch.rand(1, 3, 56, 56)
+    assert torch.equal(first(image), second(image))
