@@ -459,10 +459,10 @@ def score(args):
         print(f"{path}\t" + "  ".join(f"{w}={p:.4f}" for w, p in zip(perceiver.levels, probabilities.tolist())))
 
 
-def bench(args):
-    """Cached step (bank lookup + 18-token text tower + Eq. 1 + backward + AdamW) vs the naive step
-    (image tower on 96 images + 77-token text tower) at the paper config, random ViT-B/32 weights."""
-    device = args.device
+def time_prompt_steps(device="cpu", repeats=3):
+    """(naive, cached) milliseconds per step at the paper config, random ViT-B/32 weights: the cached
+    step (bank lookup + 18-token text tower + Eq. 1 + backward + AdamW) against the naive one (image
+    tower on all 96 images + the full 77-token text tower)."""
     clip_model = load_clip("ViT-B-32", pretrained=None).to(device)
     learner = PromptLearner(clip_model)
     optimizer = torch.optim.AdamW(learner.parameters(), lr=4e-5)                    # Sec. IV-A.4
@@ -486,9 +486,13 @@ def bench(args):
             step()
         return (time.perf_counter() - start) / repeats * 1000
 
-    naive_ms, cached_ms = milliseconds(naive, args.repeats), milliseconds(cached, 5 * args.repeats)
-    print(f"stage-1 prompt step, ViT-B-32 (random weights), 32 triplets = 96 images, N = 16, K = 3, on {device}"
-          f" ({torch.get_num_threads()} CPU threads)")
+    return milliseconds(naive, repeats), milliseconds(cached, 5 * repeats)
+
+
+def bench(args):
+    naive_ms, cached_ms = time_prompt_steps(args.device, args.repeats)
+    print(f"stage-1 prompt step, ViT-B-32 (random weights), 32 triplets = 96 images, N = 16, K = 3, on "
+          f"{args.device} ({torch.get_num_threads()} CPU threads)")
     print(f"  naive : image tower on 96 images + 77-token text tower  {naive_ms:8.1f} ms/step")
     print(f"  cached: bank lookup + 18-token text tower               {cached_ms:8.1f} ms/step")
     print(f"  speed-up {naive_ms / cached_ms:.1f}x (project target >= 30x)")

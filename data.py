@@ -555,6 +555,7 @@ def check(root, tasks):
 
 def bench(root=None, patch_size=128, seconds=4.0):
     """Training patches per second in one process with one thread, i.e. per DataLoader worker."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tasks = [t for t in TASKS if root and (found := _locate(Path(root), "train", t, [])) and found[2]]
@@ -566,8 +567,11 @@ def bench(root=None, patch_size=128, seconds=4.0):
         while time.perf_counter() - start < seconds:
             dataset[int(order[count % len(order)])]
             count += 1
-        print(f"{count / (time.perf_counter() - start):.1f} training patches/s per loader worker ({patch_size}x"
+        rate = count / (time.perf_counter() - start)
+        torch.set_num_threads(threads)
+        print(f"{rate:.1f} training patches/s per loader worker ({patch_size}x"
               f"{patch_size} crops, tasks {'+'.join(tasks)}, {len(samples)} images under {root})")
+    return rate
 
 
 def main(args):

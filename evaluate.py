@@ -28,17 +28,34 @@ The inference half of Sec. IV (checkpoint loading, tiled restoration of any imag
 follows these sections.
 """
 
+import argparse
 import csv
 import io
 import json
 import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision.utils
+from torch.utils.flop_counter import FlopCounterMode
 
-TASKS = ("denoise", "dehaze", "derain", "deblur", "lowlight")   # the shared order of data.TASKS
+import clip_prompts
+import data
+import losses
+import train
+from backbone import build_backbone, count_parameters
+from data import TASKS
+from guidance import build_sgm, restore_image
+
 
 # UNSPECIFIED: Sec. IV-A.2 does not say how PSNR and SSIM are computed; we offer each convention
 # and name the one used in every table header (see the module docstring).
@@ -259,7 +276,7 @@ class ResultTable:
     def columns(self, layout=None):
         """[(heading, SetResult or None)] in the layout's order; None marks a set not evaluated."""
         if layout is None:
-            return [(result.heading(), result) for result in self.sets]
+            return [(f"{result.heading()} ({result.task})", result) for result in self.sets]
         if layout not in LAYOUTS:
             raise ValueError(f"unknown table layout {layout!r}; choose one of {list(LAYOUTS)} or None")
         columns = LAYOUTS[layout][1]
@@ -347,25 +364,311 @@ class ResultTable:
         return paths
 
 
-if __name__ == "__main__":
-    shared = Path(__file__).resolve().parent.parent / "shared"
-    reference_file = shared / "reference" / "metrics_reference.json"
-    if reference_file.is_file():
-        from torchvision.io import ImageReadMode, read_image
-        pair = json.loads(reference_file.read_text())["pairs"][0]
-        degraded, clean = (read_image(str(shared / pair[k]), ImageReadMode.RGB).float() / 255
-                           for k in ("input", "target"))
-        print(f"{pair['input']} vs its target; third-party reference in brackets")
-        expected = {"rgb": (pair["psnr_rgb"], pair["ssim_rgb_uniform7"]), "y": (pair["psnr_y"], pair["ssim_y"]),
-                    "rgb-gaussian": (pair["psnr_rgb"], pair["ssim_rgb_gaussian"])}
+# ---------------------------------------------------------------------------------------------
+# Restoring images with a trained checkpoint: whole images or tiles
+# ---------------------------------------------------------------------------------------------
+
+class Restorer:
+    """A trained Perceive-IR rebuilt from its checkpoint's own args, with its frozen DINOv2;
+    `restorer(degraded)` restores a (B, 3, H, W) batch in [0, 1] (guidance.restore_image)."""
+
+    def __init__(self, model, sgm, config, tile=512, overlap=32, prior_size=1024):
+        self.model, self.sgm, self.config = model.eval(), sgm, config
+        self.tile, self.overlap, self.prior_size = tile or None, overlap, prior_size
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", dino_weights=None, use_ema=True, **options):
+        checkpoint = train.load_checkpoint(path, flag="--checkpoint")
+        if checkpoint["stage"] != "restore":
+            raise SystemExit(f"--checkpoint {path} is a {checkpoint['stage']!r} checkpoint; pass one of "
+                             "`train.py --stage restore` (its restore/last.pt)")
+        config = checkpoint["args"]
+        model = train.build_model(config)
+        weights = checkpoint["ema"] if use_ema and checkpoint.get("ema") else checkpoint["model"]
+        weights = {k.removeprefix("module."): v for k, v in weights.items() if k != "n_averaged"}
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise SystemExit(f"--checkpoint {path} does not match the model its own args describe "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]}): it was written by "
+                             f"another version of this code; check out its commit ({checkpoint.get('git_commit')})")
+        sgm = None
+        if model.guided and model.use_dino:
+            sgm = build_sgm(config["dino"], dino_weights or config.get("dino_weights")).to(device)
+        return cls(model.to(device), sgm, config, **options)
+
+    def __call__(self, degraded):
+        return restore_image(self.model, self.sgm, degraded, self.tile, self.overlap, self.prior_size)
+
+
+def auto_layout(tasks, sigmas):
+    if set(sigmas) <= {60, 100}:
+        return "unseen-noise"
+    return {("denoise", "dehaze", "derain"): "N+H+R", tuple(TASKS): "N+H+R+B+L"}.get(tuple(tasks),
+                                                                                    "one-by-one" if len(tasks) == 1 else None)
+
+
+def evaluate_benchmarks(restorer, test_sets, conventions, run, save_dir=None):
+    """Every test set (and σ) → {convention: ResultTable}; torchrun shards the images over ranks."""
+    tables = {convention: ResultTable(convention) for convention in conventions}
+    for test_set in test_sets:
+        scores = {convention: ([], []) for convention in conventions}
+        for index in range(run.rank, len(test_set), run.world):
+            item = test_set[index]
+            degraded, target = item["degraded"][None].to(run.device), item["target"][None].to(run.device)
+            restored = restorer(degraded)
+            for convention, (psnr_list, ssim_list) in scores.items():
+                metrics = compute_metrics_per_image(restored.cpu(), target.cpu(), convention)
+                psnr_list += metrics["psnr"]
+                ssim_list += metrics["ssim"]
+            if save_dir:
+                sigma = f"_sigma{test_set.sigma:g}" if test_set.sigma else ""
+                data.write_image(Path(save_dir) / f"{test_set.task}_{test_set.name}{sigma}" / f"{Path(item['name']).stem}.png",
+                                 restored[0])
+        for convention, lists in scores.items():
+            if run.distributed:                                  # every rank's images, on every rank
+                gathered = [None] * run.world
+                dist.all_gather_object(gathered, lists)
+                lists = ([v for g in gathered for v in g[0]], [v for g in gathered for v in g[1]])
+            tables[convention].add(test_set.name, test_set.task, test_set.sigma, *lists)
+    return tables
+
+
+IMAGE_TYPES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def restore_files(restorer, inputs, output_dir, grid=False, perceiver=None, device="cpu"):
+    """Restore a file or every image of a folder into `output_dir` as PNG, names kept."""
+    inputs = Path(inputs)
+    if not inputs.exists():
+        raise SystemExit(f"--input {inputs}: no such file or folder")
+    paths = sorted(p for p in inputs.iterdir() if p.suffix.lower() in IMAGE_TYPES) if inputs.is_dir() else [inputs]
+    if not paths:
+        raise SystemExit(f"--input {inputs}: no PNG, JPEG, WebP, BMP or TIFF images in it")
+    for path in paths:
+        degraded = data.read_image(path)[None].to(device)
+        start = time.perf_counter()
+        restored = restorer(degraded)
+        line = f"{path.name}: {degraded.shape[-1]}x{degraded.shape[-2]} restored in {time.perf_counter() - start:.1f} s"
+        data.write_image(Path(output_dir) / f"{path.stem}.png", restored[0])
+        if grid:
+            torchvision.utils.save_image(torch.cat([degraded, restored], dim=-1), Path(output_dir) / f"{path.stem}_grid.png")
+        if perceiver is not None:                                # the stage-1 quality perceiver
+            with torch.no_grad():
+                before, after = (perceiver(x)[0, perceiver.excellent_index].item() for x in (degraded, restored))
+            line += f" | P(excellent) {before:.3f} -> {after:.3f}"
+        print(line, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model profile (the Params column of Table II) and the cost of perception
+# ---------------------------------------------------------------------------------------------
+
+def peak_memory_mb(device):
+    """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024                   # Linux: KiB
+
+
+def flops_of(function):
+    with FlopCounterMode(display=False) as counter:
+        function()
+    return counter.get_total_flops()
+
+
+def milliseconds(function, repeats, device):
+    """Median wall time of `repeats` calls after one warm-up call."""
+    function()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def profile(restorer, size, device, repeats=3):
+    """Trainable and frozen parameters, FLOPs of one forward at 256×256, latency and peak memory at size²."""
+    frozen = count_parameters(restorer.sgm, trainable=False) if restorer.sgm is not None else 0
+    flops = flops_of(lambda: restorer(torch.rand(1, 3, 256, 256, device=device)))
+    image = torch.rand(1, 3, size, size, device=device)
+    latency = milliseconds(lambda: restorer(image), repeats, device)
+    print(f"trainable parameters   {count_parameters(restorer.model) / 1e6:8.2f} M   (Table II lists 42.02 M)")
+    print(f"frozen parameters      {frozen / 1e6:8.2f} M   (DINOv2; CLIP and VGG-16 are used in training only)")
+    print(f"FLOPs at 256×256       {flops / 1e9:8.1f} G   ({flops / 2e9:.1f} G multiply-adds)")
+    print(f"latency at {size}×{size}   {latency:8.1f} ms  on {device} ({torch.get_num_threads()} CPU threads)")
+    print(f"peak memory            {peak_memory_mb(device):8.0f} MB  ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
+
+
+def random_restorer(device, backbone="restormer", config="paper", dino="base"):
+    """The paper-config network with random weights: costs do not depend on the weights."""
+    args = dict(backbone=backbone, backbone_config=config, dino=dino, no_guidance=False, no_dino=False,
+                no_pgm=False, no_cfe=False)
+    sgm = build_sgm(dino, random_weights=True) if dino == "base" else build_sgm(dino)
+    return Restorer(train.build_model(args).to(device), sgm.to(device), args, tile=None)
+
+
+def restoration_step_costs(device, batch=2, patch=128, repeats=3):
+    """(time ms, FLOPs) of one full Perceive-IR training step (DINOv2, CFE, PGM/PGCA, the four losses,
+    two non-easy negatives) and of one plain Restormer step with L1 only, paper configs."""
+    from torchvision.models import vgg16
+    restorer = random_restorer(device)
+    model, sgm = restorer.model.train(), restorer.sgm
+    clip_model = clip_prompts.load_clip("ViT-B-32", pretrained=None).to(device)
+    perceiver = clip_prompts.QualityPerceiver(clip_model, torch.randn(3, 512, device=device),
+                                              ["excellent", "mediocre", "terrible"])
+    vgg = losses.VGGFeatures(vgg16().features, "random VGG-16").to(device)
+    criterion = losses.PerceiveIRLoss(vgg, perceiver)
+    x = lambda *shape: torch.rand(*shape, 3, patch, patch, device=device)
+    batch_ = dict(degraded=x(batch), positive=x(batch), target=x(batch), negatives=x(batch, 2),
+                  negative_mask=torch.ones(batch, 2, dtype=torch.bool, device=device),
+                  task=torch.arange(batch, device=device) % 3)
+    full_optimizer = torch.optim.AdamW(model.parameters())
+    plain = build_backbone("restormer", "paper").to(device)
+    plain_optimizer = torch.optim.AdamW(plain.parameters())
+
+    def full_step():
+        semantic = sgm(batch_["degraded"])
+        restored, code, code_positive = model(batch_["degraded"], semantic, batch_["positive"])
+        total, _ = criterion(restored, batch_, code, code_positive, 25.0)
+        full_optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        full_optimizer.step()
+
+    def plain_step():
+        loss = losses.reconstruction_loss(plain(batch_["degraded"]), batch_["target"])
+        plain_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        plain_optimizer.step()
+
+    return {name: (milliseconds(step, repeats, device), flops_of(step))
+            for name, step in (("full", full_step), ("plain", plain_step))}
+
+
+def memory_probe(height, width, tile, device):
+    """Run in a fresh process by `bench`: restore one random height×width image, print peak memory."""
+    restorer = random_restorer(device)
+    restorer.tile = tile or None
+    start = time.perf_counter()
+    restorer(torch.rand(1, 3, height, width, device=device))
+    print(json.dumps({"peak_mb": peak_memory_mb(device), "seconds": time.perf_counter() - start}))
+
+
+def bench(args, device):
+    """One table, every row measured in this run on this machine (issue 9)."""
+    rows = [("what", "measured", "ratio / target")]
+    naive_ms, cached_ms = clip_prompts.time_prompt_steps(str(device), args.repeats)
+    rows.append(("stage-1 prompt step, ViT-B-32, 32 triplets: naive vs cached",
+                 f"{naive_ms:.0f} ms vs {cached_ms:.0f} ms", f"{naive_ms / cached_ms:.1f}x (target >= 30x)"))
+    costs = restoration_step_costs(device, args.bench_batch, 128, args.repeats)
+    (full_ms, full_flops), (plain_ms, plain_flops) = costs["full"], costs["plain"]
+    time_ratio, flop_ratio = full_ms / plain_ms, full_flops / plain_flops
+    rows.append((f"restoration step, batch {args.bench_batch}, 128²: Perceive-IR vs Restormer+L1 (time)",
+                 f"{full_ms / 1000:.2f} s vs {plain_ms / 1000:.2f} s", f"{time_ratio:.2f}x (target <= 1.6x)"))
+    rows.append(("  same steps, FLOPs (torch.utils.flop_counter)", f"{full_flops / 1e12:.2f} vs {plain_flops / 1e12:.2f} TFLOP",
+                 f"{flop_ratio:.2f}x; time/FLOP ratio {time_ratio / flop_ratio:.2f} (target <= 1.1)"))
+    for (height, width), tile in (((2160, 3840), args.tile), ((1024, 1024), 0)):
+        result = subprocess.run([sys.executable, __file__, "--memory-probe", str(height), str(width), "--tile", str(tile),
+                                 "--device", str(device)], capture_output=True, text=True, check=True)
+        probe = json.loads(result.stdout.strip().splitlines()[-1])
+        rows.append((f"inference peak memory, {width}x{height}, " + (f"tiles of {tile}" if tile else "whole image"),
+                     f"{probe['peak_mb'] / 1024:.2f} GB in {probe['seconds']:.0f} s",
+                     "target <= 8 GB" if tile else "(reported)"))
+    rate = data.bench(args.data_root)
+    rows.append(("data loading, 128² crops, all five tasks", f"{rate:.0f} patches/s per worker", "target >= 100"))
+    rows.append(("GPU step times (fp32/bf16, --compile)", "not measured here", "needs the device tool's GPU"))
+    print(f"\nbenchmark on {device} ({torch.get_num_threads()} CPU threads, torch {torch.__version__})\n")
+    for row in [rows[0], ("---",) * 3, *rows[1:]]:
+        print("| " + " | ".join(row) + " |")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description="Evaluate Perceive-IR on the paper's test sets, restore your "
+                                     "own images, profile a model, or measure the cost of perception.")
+    add = parser.add_argument
+    add("--checkpoint", help="a restore-stage checkpoint (train.py --stage restore: restore/last.pt)")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    # --- test sets (Sec. IV-A.1-2, Tables II-V, IX, XIII) ---
+    add("--data-root", help="root holding test/<task>/<set>/... (generic layout; data.py)")
+    add("--tasks", default="N+H+R", help="test sets to run: N+H+R (Table II), N+H+R+B+L (Table III), one task")
+    add("--sigmas", type=float, nargs="+", default=[15, 25, 50], help="denoising σ; 60 100 for Table IX")
+    add("--conventions", nargs="+", choices=sorted(CONVENTIONS), default=["rgb", "y"], help="metric conventions")
+    add("--layout", choices=sorted(LAYOUTS), default=None, help="table layout (default: from --tasks)")
+    add("--crop-multiple", type=int, default=0, help="centre-crop test images to a multiple (PromptIR: 16)")
+    add("--results", default="results", help="folder for the tables (md, csv, json)")
+    add("--save-images", default=None, help="also write the restored test images here")
+    # --- your own images ---
+    add("--input", help="an image or a folder of images (PNG, JPEG, WebP, BMP, TIFF)")
+    add("--output", default="restored", help="folder for the restored PNGs (names kept)")
+    add("--grid", action="store_true", help="also write input | output side by side")
+    add("--prompts", help="stage-1 prompts: print the quality perceiver's P(excellent) of input and output")
+    add("--clip-weights", help="local CLIP weights for --prompts")
+    # --- inference ---
+    add("--tile", type=int, default=512, help="tile size for the backbone, 0 = whole image")
+    add("--tile-overlap", type=int, default=32, help="overlap between tiles, blended linearly")
+    add("--prior-size", type=int, default=1024, help="CFE sees the whole image, resized above this long side")
+    add("--dino-weights", help="local DINOv2 weights (default: those the checkpoint was trained with)")
+    add("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has an EMA")
+    # --- profile and benchmark (issue 9) ---
+    add("--profile", action="store_true", help="parameters, FLOPs at 256², latency and memory at --size")
+    add("--size", type=int, default=256, help="image side for --profile latency and memory")
+    add("--backbone", default="restormer", help="--profile without --checkpoint: the backbone (Table XV)")
+    add("--backbone-config", default="paper", help="--profile without --checkpoint: its named config")
+    add("--bench", action="store_true", help="the cost-of-perception table (README, performance section)")
+    add("--bench-batch", type=int, default=2, help="per-process batch of the restoration-step row")
+    add("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
+    add("--memory-probe", type=int, nargs=2, metavar=("H", "W"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(args):
+    run = train.Run()
+    device = run.device if args.device != "cpu" else torch.device("cpu")
+    if args.memory_probe:
+        return memory_probe(*args.memory_probe, args.tile, device)
+    if args.bench:
+        return bench(args, device)
+    if args.checkpoint:
+        restorer = Restorer.from_checkpoint(args.checkpoint, device, args.dino_weights, not args.no_ema,
+                                            tile=args.tile, overlap=args.tile_overlap, prior_size=args.prior_size)
+    elif args.profile:
+        restorer = random_restorer(device, args.backbone, args.backbone_config,
+                                   dino="tiny" if args.backbone_config == "tiny" else "base")
     else:
-        clean = torch.rand(3, 64, 96)
-        degraded = (clean + 0.1 * torch.randn_like(clean)).clamp(0, 1)
-        print("shared folder not found: a synthetic pair (σ = 0.1 noise)")
-        expected = {}
-    for convention in CONVENTIONS:
-        metrics = compute_metrics(degraded, clean, convention)
-        reference = "  [{:.4f} dB / {:.6f}]".format(*expected[convention]) if convention in expected else ""
-        print(f"{convention:12s} PSNR {metrics['psnr']:.4f} dB  SSIM {metrics['ssim']:.6f}{reference}")
-    if expected:
-        print("(the reference's Y-SSIM pads the borders; ours is BasicSR's valid-window mean: see UNSPECIFIED)")
+        raise SystemExit("--checkpoint is required (a restore-stage checkpoint), except with --profile or --bench")
+    if args.profile:
+        return profile(restorer, args.size, device, args.repeats)
+    if args.input:
+        perceiver = (clip_prompts.QualityPerceiver.from_checkpoint(args.prompts, args.clip_weights, device)
+                     if args.prompts else None)
+        return restore_files(restorer, args.input, args.output, args.grid, perceiver, device)
+    if not args.data_root:
+        raise SystemExit("pass --data-root with test sets, or --input with your own images")
+    tasks = data.parse_tasks(args.tasks)
+    test_sets = data.build_test_sets(args.data_root, tasks, sigmas=args.sigmas, crop_multiple=args.crop_multiple or None)
+    tables = evaluate_benchmarks(restorer, test_sets, args.conventions, run, args.save_images)
+    layout = args.layout or auto_layout(tasks, args.sigmas)
+    if run.master:
+        for table in tables.values():
+            try:                                     # sets that are not the paper's: one column each
+                if layout and not any(result for _, result in table.columns(layout)):
+                    layout = None
+            except ValueError:
+                layout = None
+            print(table.markdown(layout))
+            table.write(args.results, layout)
+        print(f"tables written to {args.results}/ (tiles {args.tile or 'none'}, checkpoint {args.checkpoint})")
+    if run.distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(get_args())

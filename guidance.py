@@ -14,6 +14,7 @@ What is in here:
 - `PGCA` (Eq. 7-8): channel cross-attention, query from Y_l, key/value from X_l^d, residual + Y_l.
 - `GuidedMixer`: PGM then PGCA, the token mixer an ETB uses in place of MDTA.
 - `PerceiveIR`: any backbone of `backbone.py` + the guidance; the ablations of Table X.
+- `restore_image`: any image size, the backbone optionally on tiles, the priors from the whole image.
 
 DINOv2 is never part of `PerceiveIR`: it is frozen and stays outside the optimiser and DDP; the
 caller runs `semantic = sgm(degraded)` once per batch and passes it to `model(degraded, semantic)`.
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone import build_backbone, channel_attention, count_parameters
+from backbone import build_backbone, channel_attention, count_parameters, tiled_forward
 
 CODE_DIM = 128                      # Z ∈ R^{1×128} (Sec. III-C.2)
 CFE_WIDTHS = {"paper": (64, 128, 256), "tiny": (16, 32, 64)}   # follow the backbone's named config
@@ -66,19 +67,20 @@ class SemanticGuidance(nn.Module):
         return torch.stack([prefix[:, 0] for _, prefix in blocks], dim=1)     # (B, 4, D)
 
 
-def build_sgm(variant="base", weights=None):
+def build_sgm(variant="base", weights=None, random_weights=False):
     """DINOv2 through timm's own loader: the hub weights, or a local file (`--dino-weights`).
 
     variant "base": ViT-B/14 `vit_base_patch14_dinov2.lvd142m` at 224 (the paper's "base version",
     Sec. IV-A.4). variant "tiny": a 640K-parameter ViT with the same 12-block layout at 56 px,
     randomly initialised unless a weight file is given; for tests and the offline demo only.
+    `random_weights=True` builds the architecture without weights, for cost measurements only.
     """
     import timm
 
     overlay = dict(pretrained_cfg_overlay=dict(file=str(weights))) if weights else {}
     if variant == "base":
         name, size, kwargs = "vit_base_patch14_dinov2.lvd142m", 224, {}
-        pretrained = True
+        pretrained = not random_weights
     elif variant == "tiny":
         name, size, kwargs = "vit_small_patch14_dinov2", 56, dict(embed_dim=64, depth=12, num_heads=2)
         pretrained = weights is not None
@@ -96,7 +98,7 @@ def build_sgm(variant="base", weights=None):
             "pretrained=True) on a machine with internet, then save model.state_dict()) and pass the "
             "file with --dino-weights FILE.") from error
     if variant == "base":
-        description = f"DINOv2 ViT-B/14 ({weights or 'hub weights'})"
+        description = f"DINOv2 ViT-B/14 ({'random weights, for cost only' if random_weights else weights or 'hub weights'})"
     else:
         description = f"tiny DINOv2 stand-in ({weights or 'random weights, NOT pretrained'})"
     return SemanticGuidance(vit, size, description)
@@ -302,6 +304,24 @@ class PerceiveIR(nn.Module):
             code = self.degradation_code(degraded)
         restored = self.backbone(degraded, self.priors(semantic, code))
         return (restored, code, code_positive) if positive is not None else (restored, code)
+
+
+@torch.no_grad()
+def restore_image(model, sgm, degraded, tile=None, overlap=32, prior_size=1024):
+    """I_r of a (B, 3, H, W) batch of any size, optionally with the backbone run tile by tile.
+
+    The priors F_l and Z are per-image vectors, so DINOv2 and CFE see the whole image once, even
+    when the backbone runs on tiles (memory bounded by the tile size): DINOv2 resized to its input
+    size as always (Eq. 5), CFE at native resolution up to `prior_size` pixels on the long side and
+    resized to it beyond (its average pooling makes Z independent of the size).
+    """
+    if not model.guided:
+        return tiled_forward(model.backbone, degraded, tile, overlap).clamp(0, 1)
+    scale = min(1.0, prior_size / max(degraded.shape[-2:]))
+    small = degraded if scale == 1 else F.interpolate(degraded, scale_factor=scale, mode="bicubic",
+                                                      antialias=True, align_corners=False).clamp(0, 1)
+    priors = model.priors(sgm(degraded) if model.use_dino else None, model.degradation_code(small))
+    return tiled_forward(lambda x: model.backbone(x, priors), degraded, tile, overlap).clamp(0, 1)
 
 
 BACKBONE_GROUPS = {   # top-level backbone modules of Restormer and NAFNet → part of Fig. 4(a)

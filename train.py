@@ -36,7 +36,7 @@ import clip_prompts
 import data
 import losses
 from backbone import build_backbone, count_parameters
-from guidance import PerceiveIR, build_sgm
+from guidance import PerceiveIR, build_sgm, restore_image
 
 SEMANTIC_DIM = {"base": 768, "tiny": 64}          # width of DINOv2 ViT-B/14 and of the tiny stand-in
 PRESETS = {
@@ -416,7 +416,7 @@ def fit(args, run, name, model, step_fn, dataset, iters, lr, batch_size, out_dir
                                               "images_per_s": rate, "avg_psnr": state["avg_psnr"]}) + "\n")
                 sums, since = {}, (time.time(), step)
             if sample_fn and args.sample_every and step % args.sample_every == 0 and run.master:
-                sample_fn(net, batch, out_dir / "samples" / f"step_{step:08d}.png")
+                sample_fn(model, batch, out_dir / "samples" / f"step_{step:08d}.png")
             stop = STOP["signal"] is not None
             if run.distributed:                               # agree every 10 steps: one small all-reduce
                 stop = (step % 10 == 0 or step == stop_at) and run.all_sum(torch.tensor(float(stop), device=run.device)).item() > 0
@@ -469,7 +469,7 @@ def run_medium(args, run, samples):
                                     sigmas=args.sigmas, seed=args.seed)
         model = fit(args, run, f"medium-{cv['model']}", model, l1_step, dataset, args.medium_iters,
                     args.medium_lr, args.batch_size, fold_dir,
-                    sample_fn=lambda net, b, path: save_grid([b["degraded"], net(b["degraded"]), b["target"]], path)).eval()
+                    sample_fn=lambda net, b, path: save_grid([b["degraded"], net(b["degraded"]).detach(), b["target"]], path)).eval()
         clip_prompts.render_medium_images(model, cv["restore"][run.rank::run.world], images_dir, args.sigmas,
                                           run.device)                     # ranks share the rendering
         entries += [dict(task=s.task, key=s.key, fold=other["model"], restored_by=cv["model"]) for s in cv["restore"]]
@@ -532,12 +532,6 @@ def build_probe(dataset, size, seed):
     return torch.stack([x["degraded"] for x in items]), torch.stack([x["target"] for x in items])
 
 
-def restore_images(model, sgm, degraded):
-    """I_r of a batch: DINOv2 features first when the model uses them (Eq. 5), then Perceive-IR."""
-    semantic = sgm(degraded) if model.guided and model.use_dino else None
-    return model(degraded, semantic)[0]
-
-
 def run_restore(args, run, samples, frozen):
     sgm = frozen["sgm"]
     negative_dirs = ([medium_dir(args)] if medium_dir(args).is_dir() else []) + list(args.negatives)
@@ -570,16 +564,15 @@ def run_restore(args, run, samples, frozen):
         total = torch.zeros(2, device=run.device)
         with torch.no_grad():
             for degraded, target in zip(probe[0][run.rank::run.world].split(8), probe[1][run.rank::run.world].split(8)):
-                restored = restore_images(model, sgm, degraded.to(run.device)).clamp(0, 1)
+                restored = restore_image(model, sgm, degraded.to(run.device))
                 total += torch.stack([losses.batch_psnr(restored, target.to(run.device)).sum(),
                                       torch.tensor(float(len(target)), device=run.device)])
         model.train()
         total = run.all_sum(total)
         return (total[0] / total[1]).item()
 
-    def sample_fn(net, batch, path):
-        with torch.no_grad():
-            save_grid([batch["degraded"], restore_images(net, sgm, batch["degraded"]), batch["target"]], path)
+    def sample_fn(model, batch, path):
+        save_grid([batch["degraded"], restore_image(model, sgm, batch["degraded"]), batch["target"]], path)
 
     return fit(args, run, "restore", model, restore_step, dataset, args.iters, args.lr, args.batch_size,
                stage_dir(args, "restore"), epoch_fn=average_psnr if criterion.use_dpl else None, sample_fn=sample_fn)
@@ -595,7 +588,7 @@ def demo_report(args, run, model, sgm):
         for item in test_set:
             degraded, target = item["degraded"][None].to(run.device), item["target"][None].to(run.device)
             with torch.no_grad():
-                restored = restore_images(model, sgm, degraded).clamp(0, 1)
+                restored = restore_image(model, sgm, degraded)
             psnr_in.append(losses.batch_psnr(degraded, target).item())
             psnr_out.append(losses.batch_psnr(restored, target).item())
         label = f"{test_set.task} ({test_set.name}{f', σ={test_set.sigma:g}' if test_set.sigma else ''})"

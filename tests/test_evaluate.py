@@ -3,6 +3,11 @@
 import csv
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from evaluate import (AVERAGE_OF_IMAGES, AVERAGE_OF_SETS, ResultTable, compute_metrics,
-                      compute_metrics_per_image, gaussian_window, rgb_to_y, ssim)
+import train
+from evaluate import (AVERAGE_OF_IMAGES, AVERAGE_OF_SETS, Restorer, ResultTable, compute_metrics,
+                      compute_metrics_per_image, gaussian_window, get_args, main, rgb_to_y, ssim)
 
 
 def read_rgb(path):
@@ -200,7 +206,7 @@ def test_table_iii_one_by_one_and_unseen_noise_layouts_have_the_papers_columns()
     header, _ = markdown_cells(one_task.markdown("one-by-one"))
     assert header[1:] == ["Rain100L", AVERAGE_OF_SETS, AVERAGE_OF_IMAGES]
     header, _ = markdown_cells(table.markdown(None))                       # every set, in order
-    assert header[1:4] == ["CBSD68 σ=15", "CBSD68 σ=25", "SOTS-outdoor-mini"]
+    assert header[1:4] == ["CBSD68 σ=15 (denoise)", "CBSD68 σ=25 (denoise)", "SOTS-outdoor-mini (dehaze)"]
 
 
 def test_csv_and_json_are_written_atomically_and_round_trip(tmp_path):
@@ -239,3 +245,113 @@ def test_two_sets_for_one_column_are_an_error_not_a_silent_choice():
         table.markdown("N+H+R")
     with pytest.raises(ValueError, match="unknown table layout"):
         table.markdown("Table II")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference: checkpoints, tiles, your own images, torchrun sharding (issue 8)
+# ---------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A restore-stage checkpoint of the demo's tiny network, as train.py writes it."""
+    torch.manual_seed(0)
+    args = vars(train.get_args(["--preset", "demo"]))
+    model = train.build_model(args)
+    with torch.no_grad():                                      # leave the identity start of PGM
+        for name, p in model.named_parameters():
+            if "to_scale_shift" in name:
+                p.normal_(std=0.05)
+    path = tmp_path_factory.mktemp("checkpoint") / "last.pt"
+    train.save_checkpoint(path, {"stage": "restore", "args": args, "model": model.state_dict(), "ema": None,
+                                 "step": 1, "epoch": 0, "avg_psnr": 20.0, "optimizer": {}, "rng": []})
+    return path
+
+
+def small_benchmark(shared_dir, root):
+    """Two CBSD68 images and three Rain100L pairs in the generic layout."""
+    for name in ("101085.png", "101087.png"):
+        (root / "test/denoise/CBSD68").mkdir(parents=True, exist_ok=True)
+        shutil.copy(shared_dir / "data/test/denoise/CBSD68" / name, root / "test/denoise/CBSD68" / name)
+    for folder in ("input", "target"):
+        (root / "test/derain/Rain100L" / folder).mkdir(parents=True, exist_ok=True)
+        for name in ("1.png", "2.png", "3.png"):
+            shutil.copy(shared_dir / "data/test/derain/Rain100L" / folder / name, root / "test/derain/Rain100L" / folder / name)
+    return root
+
+
+def test_tiled_restoration_matches_the_whole_image_within_a_stated_tolerance(tiny_checkpoint):
+    restorer = Restorer.from_checkpoint(tiny_checkpoint, tile=None)
+    image = torch.rand(1, 3, 150, 200)
+    whole = restorer(image)
+    restorer.tile, restorer.overlap = 64, 16
+    tiled = restorer(image)
+    # The priors F_l and Z come from the whole image either way; only the context of the channel
+    # attention differs (global per tile). Stated tolerance: mean |difference| under 2% of the range,
+    # for an untrained network on uniform noise with 64-px tiles (real use: 512-px tiles).
+    assert (tiled - whole).abs().mean().item() < 0.02
+
+
+def test_end_to_end_evaluation_of_a_tiny_checkpoint_on_shared_test_images(shared_dir, tiny_checkpoint, tmp_path):
+    root = small_benchmark(shared_dir, tmp_path / "data")
+    main(get_args(["--checkpoint", str(tiny_checkpoint), "--data-root", str(root), "--tasks", "N+R",
+                   "--sigmas", "25", "--results", str(tmp_path / "results"), "--save-images", str(tmp_path / "out")]))
+    table = json.loads((tmp_path / "results" / "results_all_rgb.json").read_text())
+    sets = {(s["set_name"], s["sigma"]): s for s in table["sets"]}
+    assert len(sets[("CBSD68", 25.0)]["psnr"]) == 2 and len(sets[("Rain100L", None)]["psnr"]) == 3
+    assert all(5 < p < 60 for s in sets.values() for p in s["psnr"])
+    restored = read_rgb(tmp_path / "out" / "derain_Rain100L" / "1.png")
+    target = read_rgb(root / "test/derain/Rain100L/target/1.png")
+    assert compute_metrics(restored, target)["psnr"] == pytest.approx(sets[("Rain100L", None)]["psnr"][0], abs=0.05)
+
+
+def test_two_ranks_shard_the_test_images_and_give_the_one_process_table(shared_dir, tiny_checkpoint, tmp_path):
+    root = small_benchmark(shared_dir, tmp_path / "data")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    common = ["--checkpoint", str(tiny_checkpoint), "--data-root", str(root), "--tasks", "R", "--conventions", "rgb"]
+    for name, launcher in (("one", [sys.executable]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+        result = subprocess.run([*launcher, str(REPO / "evaluate.py"), *common, "--results", str(tmp_path / name)],
+                                capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    one, two = (json.loads((tmp_path / n / "results_one-by-one_rgb.json").read_text()) for n in ("one", "two"))
+    assert sorted(one["sets"][0]["psnr"]) == pytest.approx(sorted(two["sets"][0]["psnr"]), abs=1e-4)
+
+
+def test_your_own_images_in_any_format_come_back_as_png_with_their_names(tiny_checkpoint, tmp_path, capsys):
+    from PIL import Image
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    pixels = (np.random.default_rng(0).random((37, 53, 3)) * 255).astype(np.uint8)
+    for name in ("a.png", "b.jpg", "c.bmp", "d.tiff", "e.webp"):
+        Image.fromarray(pixels).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    main(get_args(["--checkpoint", str(tiny_checkpoint), "--input", str(folder), "--output", str(tmp_path / "out"),
+                   "--grid"]))
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted([f"{s}.png" for s in "abcde"] + [f"{s}_grid.png" for s in "abcde"])
+    assert read_rgb(tmp_path / "out" / "d.png").shape == (3, 37, 53)
+    assert capsys.readouterr().out.count("restored in") == 5
+
+
+def test_bad_checkpoints_give_clear_errors(tiny_checkpoint, tmp_path):
+    corrupt, foreign, other_stage, mismatched = (tmp_path / f"{n}.pt" for n in ("corrupt", "foreign", "stage", "mismatch"))
+    corrupt.write_bytes(b"not a checkpoint at all")
+    torch.save({"weights": torch.zeros(1)}, foreign)
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    torch.save({**checkpoint, "stage": "medium-a"}, other_stage)
+    torch.save({**checkpoint, "args": {**checkpoint["args"], "backbone": "nafnet"}}, mismatched)
+    for path, message in ((corrupt, "not a readable checkpoint"), (foreign, "not a Perceive-IR training checkpoint"),
+                          (other_stage, "'medium-a' checkpoint"), (mismatched, "does not match the model"),
+                          (tmp_path / "missing.pt", "file not found")):
+        with pytest.raises(SystemExit, match=message):
+            Restorer.from_checkpoint(path)
+
+
+def test_profile_prints_parameters_flops_latency_and_memory(capsys):
+    main(get_args(["--profile", "--backbone-config", "tiny", "--size", "64", "--repeats", "1"]))
+    report = capsys.readouterr().out
+    for field_name in ("trainable parameters", "frozen parameters", "FLOPs at 256×256", "latency at 64×64", "peak memory"):
+        assert field_name in report
