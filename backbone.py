@@ -369,8 +369,9 @@ class NAFNet(nn.Module):
     """NAFNet: intro conv, encoder stages with strided-conv downsampling, middle blocks, decoder
     stages with PixelShuffle upsampling and additive skips, ending conv, global residual.
 
-    Guided levels: the decoder stages, counted from the finest (l = 1) to the coarsest; with the
-    usual four stages these are the four levels of Fig. 4, and the middle blocks stay plain.
+    # UNSPECIFIED: the paper does not say where NAFNet takes the guidance (Table XV). NAFNet has
+    # four decoder stages and a middle stage below them, one more than Fig. 4's four levels; we
+    # guide the four decoder stages, F_1 at the finest (l = 1), and keep the middle blocks plain.
     """
 
     def __init__(self, img_channel=3, width=32, middle_blk_num=1, enc_blk_nums=(1, 1, 1, 28),

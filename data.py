@@ -271,6 +271,8 @@ def load_pair(sample, sigmas=SIGMAS):
         degraded = read_image(sample.input_path)
         _same_size(degraded, target, sample.input_path, sample.target_path)
         return degraded, target, 0
+    # UNSPECIFIED: which σ the medium-quality image of a clean denoising image is made at; we give
+    # each image one σ of {15, 25, 50}, fixed by its key, so the three levels are equally common.
     sigma = sigmas[zlib.crc32(sample.key.encode()) % len(sigmas)]
     return add_gaussian_noise(target, sigma, _rng(sample.task, sample.key, sigma)), target, sigma
 

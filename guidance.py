@@ -40,6 +40,8 @@ class SemanticGuidance(nn.Module):
 
     The degraded image is resized to the ViT's input size (224 for ViT-B/14: a 16×16 grid) and
     normalised with ImageNet statistics; the CLS token after each of the four blocks is one F_l.
+    # UNSPECIFIED: the paper says neither the input size nor which token F_l ∈ R^768 is; we take the
+    # CLS token (the one 768-d summary of a block) at 224 px, the size timm resamples DINOv2 to.
     Frozen: eval mode, no gradients, no autograd graph (no_grad rather than inference_mode,
     because F_l later enters the trainable PGM, which must be able to save it for backward).
     """
@@ -176,7 +178,11 @@ class PGM(nn.Module):
 
 
 class PriorProjection(nn.Module):
-    """Table X, "w/o PGM": Y_l = X_l^d + W·F_l — F_l alone, projected, no Z and no modulation."""
+    """Table X, "w/o PGM": Y_l = X_l^d + W·F_l — F_l alone, projected, no Z and no modulation.
+
+    # UNSPECIFIED: Table X only says "cross-attention using F_l's features without the processing
+    # through Z"; we add a linear projection of LN(F_l) to X, the query source PGCA then reads.
+    """
 
     def __init__(self, semantic_dim, channels):
         super().__init__()
@@ -225,7 +231,10 @@ class GuidedMixer(nn.Module):
 
         Y   = PGM(F_l, Z, X)                  (or X + W·F_l without PGM, Table X)
         X^m = proj(CrossAtt(LN(Y), LN(X), LN(X))) + Y
-    LN is the block's own pre-norm (Restormer normalises before every attention).
+    # UNSPECIFIED: Eq. (6) writes one Y_l per level from "the input of the l-th decoder layer"; we
+    # give every ETB its own PGM applied to that block's input, so the residual of Eq. (8) carries
+    # the running feature, and normalise Y and X with the block's pre-norm LN as Restormer does
+    # before every attention. The refinement blocks after level 1 stay plain TBs.
     """
 
     def __init__(self, dim, num_heads, semantic_dim, code_dim=CODE_DIM, use_pgm=True):
@@ -312,8 +321,10 @@ def restore_image(model, sgm, degraded, tile=None, overlap=32, prior_size=1024):
 
     The priors F_l and Z are per-image vectors, so DINOv2 and CFE see the whole image once, even
     when the backbone runs on tiles (memory bounded by the tile size): DINOv2 resized to its input
-    size as always (Eq. 5), CFE at native resolution up to `prior_size` pixels on the long side and
-    resized to it beyond (its average pooling makes Z independent of the size).
+    size as always (Eq. 5), CFE at native resolution up to `prior_size` pixels on the long side.
+    # UNSPECIFIED: inference on large images is not described; beyond `prior_size` CFE sees the
+    # image resized (its average pooling makes Z size-independent, but resizing also changes the
+    # degradation's scale, so keep prior_size large when memory allows).
     """
     if not model.guided:
         return tiled_forward(model.backbone, degraded, tile, overlap).clamp(0, 1)

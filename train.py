@@ -116,7 +116,9 @@ def get_args(argv=None):
     add("--vgg-weights", default=None, help="local VGG-16 state-dict file (else torchvision's)")
     add("--epoch-iters", type=int, default=0, help="steps per epoch of Eq. (10); 0 = one pass over the data")
     add("--probe-size", type=int, default=64, help="fixed training patches for avgPSNR (Eq. 10; not given)")
-    # --- stage 2: optimisation (Sec. IV-A.4); UNSPECIFIED where the paper gives no value ---
+    # --- stage 2: optimisation (Sec. IV-A.4) ---
+    # UNSPECIFIED: the paper gives no weight decay, warmup, final LR, gradient clipping or stage-1a
+    # batch size; the defaults below marked "not given" are Restormer's and PromptIR's usual values.
     add("--iters", type=int, default=400_000, help="Sec. IV-A.4: 400K")
     add("--batch-size", type=int, default=6, help="global batch (Sec. IV-A.4: 6)")
     add("--lr", type=float, default=2e-4, help="peak LR (Sec. IV-A.4: 2e-4)")
@@ -526,7 +528,12 @@ def run_prompt(args, run, samples, clip_model):
 # ---------------------------------------------------------------------------------------------
 
 def build_probe(dataset, size, seed):
-    """A fixed set of training patches (never test images) on which avgPSNR of Eq. (10) is measured."""
+    """A fixed set of training patches (never test images) on which avgPSNR of Eq. (10) is measured.
+
+    # UNSPECIFIED: the paper measures "the average PSNR" of the network at each epoch start without
+    # saying on what; we use a fixed probe of 64 training patches, and an epoch is one pass over the
+    # resampled training set (--epoch-iters); at step 0 the initial network Θ_0 is measured.
+    """
     indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 1))[:size].tolist()
     items = [dataset[i] for i in indices]
     return torch.stack([x["degraded"] for x in items]), torch.stack([x["target"] for x in items])
