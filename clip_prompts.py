@@ -199,7 +199,7 @@ def prompt_logits(image_features, text_features, logit_scale):
     """logit_scale · S(Φ_I(I_i), Φ_T(T_k)): (B, D) × (K, D) → (B, K). `logit_scale` is the
     multiplier exp(CLIP's logit_scale), 100 for the OpenAI weights."""
     # DEVIATION: Eq. (1) writes exp(S) of the bare cosine; we scale by CLIP's logit scale as CLIP,
-    # CoOp and CLIP-LIT do (and the issue asks): with logits in [−1, 1], three levels could never
+    # CoOp and CLIP-LIT do: with logits in [−1, 1], three levels could never
     # give one of them more than e¹/(e¹ + 2e⁻¹) = 0.79.
     image_features = F.normalize(image_features, dim=-1)
     text_features = F.normalize(text_features, dim=-1)

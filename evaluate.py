@@ -32,6 +32,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import resource
 import statistics
@@ -464,14 +465,32 @@ def restore_files(restorer, inputs, output_dir, grid=False, perceiver=None, devi
 # ---------------------------------------------------------------------------------------------
 
 def peak_memory_mb(device):
-    """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on a CPU."""
+    """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on a CPU.
+
+    On Linux the peak comes from /proc/self/status (VmHWM): getrusage's ru_maxrss survives exec,
+    so a fresh subprocess would report its parent's peak as its own.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024                   # Linux: KiB
+    status = Path("/proc/self/status")
+    if status.is_file():
+        return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM")) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024                   # KiB on Linux
+
+
+def convolution_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                               _output_padding, _groups, output_mask, out_shape=None, **kwargs):
+    """Each gradient of a convolution (input, weight) costs one forward convolution: 2·B·prod(W)·prod(S)
+    with S the spatial size of the output (of the input for a transposed conv). torch's own formula
+    ignores `groups` for the weight gradient and over-counts depthwise convolutions by their channel
+    count: 26× on a Restormer training step."""
+    forward = 2 * x_shape[0] * math.prod(w_shape) * math.prod((x_shape if transposed else grad_out_shape)[2:])
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
 
 
 def flops_of(function):
-    with FlopCounterMode(display=False) as counter:
+    mapping = {torch.ops.aten.convolution_backward: convolution_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         function()
     return counter.get_total_flops()
 

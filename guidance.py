@@ -376,9 +376,9 @@ if __name__ == "__main__":
               f"(plain backbone {count_parameters(build_backbone(name, 'paper')):,d})")
         for group, n in sorted(parameter_breakdown(model).items(), key=lambda item: GROUP_ORDER.index(item[0])):
             print(f"  {group:26s} {n:>12,d}")
+    frozen = build_sgm("base", random_weights=True)           # the architecture, to count it
+    print(f"frozen SGM, DINOv2 ViT-B/14: {count_parameters(frozen, trainable=False):,d} parameters (not trained)")
     sgm = build_sgm("tiny")
-    print(f"frozen SGM: {sgm.description}, {count_parameters(sgm, trainable=False):,d} frozen parameters "
-          "(ViT-B/14: 86.6M)")
     model = PerceiveIR("restormer", "tiny", semantic_dim=sgm.embed_dim).eval()
     degraded = torch.rand(2, 3, 45, 61)
     with torch.no_grad():

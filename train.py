@@ -455,6 +455,11 @@ def l1_step(net, batch, state):
     return loss_rec, {"loss_rec": loss_rec.detach()}
 
 
+@torch.no_grad()
+def backbone_samples(model, batch, path):
+    save_grid([batch["degraded"], model(batch["degraded"]), batch["target"]], path)
+
+
 def run_medium(args, run, samples):
     """Train a restorer on each half of the data; each restores the half it never saw."""
     images_dir = medium_dir(args)
@@ -470,8 +475,7 @@ def run_medium(args, run, samples):
         dataset = data.TrainDataset(cv["train"], args.patch_size, resample=parse_resample(args.resample),
                                     sigmas=args.sigmas, seed=args.seed)
         model = fit(args, run, f"medium-{cv['model']}", model, l1_step, dataset, args.medium_iters,
-                    args.medium_lr, args.batch_size, fold_dir,
-                    sample_fn=lambda net, b, path: save_grid([b["degraded"], net(b["degraded"]).detach(), b["target"]], path)).eval()
+                    args.medium_lr, args.batch_size, fold_dir, sample_fn=backbone_samples).eval()
         clip_prompts.render_medium_images(model, cv["restore"][run.rank::run.world], images_dir, args.sigmas,
                                           run.device)                     # ranks share the rendering
         entries += [dict(task=s.task, key=s.key, fold=other["model"], restored_by=cv["model"]) for s in cv["restore"]]

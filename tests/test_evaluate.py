@@ -355,3 +355,13 @@ def test_profile_prints_parameters_flops_latency_and_memory(capsys):
     report = capsys.readouterr().out
     for field_name in ("trainable parameters", "frozen parameters", "FLOPs at 256×256", "latency at 64×64", "peak memory"):
         assert field_name in report
+
+
+def test_flop_count_of_a_depthwise_convolution_backward_is_two_forwards():
+    # Forward of a 3×3 depthwise conv on (2, 16, 10, 10): 2·B·C·(C/groups)·9·H·W = 2·2·16·1·9·100.
+    from evaluate import flops_of
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+    x = torch.rand(2, 16, 10, 10, requires_grad=True)
+    forward = 2 * 2 * 16 * 1 * 9 * 100
+    assert flops_of(lambda: conv(x)) == forward
+    assert flops_of(lambda: conv(x).sum().backward()) == 3 * forward     # + grad of input and of weight
