@@ -573,7 +573,7 @@ def bench(root=None, patch_size=128, seconds=4.0):
         torch.set_num_threads(threads)
         print(f"{rate:.1f} training patches/s per loader worker ({patch_size}x"
               f"{patch_size} crops, tasks {'+'.join(tasks)}, {len(samples)} images under {root})")
-    return rate
+    return rate, tasks
 
 
 def main(args):
