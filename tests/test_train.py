@@ -157,7 +157,10 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(stage1, t
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "global batch 4 = 2 × 2 per process" in result.stdout
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
-    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    # Adam moves every weight by about lr = 1e-3 per step, so a wrong split of the batch, of L_cl's
+    # negatives or of avgPSNR shows as differences of ~1e-3; the order of the gradient all-reduce
+    # alone leaves ~1e-5 (Adam normalises the tiny gradients of the zero-initialised PGM maps too).
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
 
 
 def test_the_offline_demo_restores_better_than_its_inputs(tmp_path, capsys):
