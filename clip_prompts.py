@@ -379,7 +379,7 @@ def cross_validation_rounds(samples):
 
 
 def medium_path(medium_dir, task, key):
-    """`<medium_dir>/<task>/<key with suffix .png>` (INTERFACES.md, the layout of data.keyed_path)."""
+    """`<medium_dir>/<task>/<key with suffix .png>` (the layout of data.keyed_path)."""
     key = PurePosixPath(key)
     if key.is_absolute() or ".." in key.parts:
         raise ValueError(f"sample key {key} must be a relative path below its task folder")

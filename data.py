@@ -253,7 +253,7 @@ def scan_training_set(root, tasks, split="train", strict=True):
 
 
 def keyed_path(folder, task, key):
-    """`<folder>/<task>/<key with suffix .png>`: medium images and proxy negatives (INTERFACES.md)."""
+    """`<folder>/<task>/<key with suffix .png>`: medium images and proxy negatives."""
     return Path(folder) / task / PurePosixPath(key).with_suffix(".png")
 
 
@@ -295,7 +295,7 @@ def _pad_to(images, size, path, warned):
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """Resampled training patches of the restoration stage (Sec. IV-A.4). Item (INTERFACES.md):
+    """Resampled training patches of the restoration stage (Sec. IV-A.4). Item:
     "degraded" I_d, "positive" (another crop of the same degraded image: L_cl's Z⁺, Eq. 12), "target"
     I_g, "negatives" (Q, 3, P, P) N_q of Eq. (11) from `<dir>/<task>/<key>.png` cropped like the
     target, "negative_mask" (Q,), "task", "sigma", "key".

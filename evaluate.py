@@ -434,15 +434,12 @@ def evaluate_benchmarks(restorer, test_sets, conventions, run, save_dir=None):
     return tables
 
 
-IMAGE_TYPES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-
-
 def restore_files(restorer, inputs, output_dir, grid=False, perceiver=None, device="cpu"):
     """Restore a file or every image of a folder into `output_dir` as PNG, names kept."""
     inputs = Path(inputs)
     if not inputs.exists():
         raise SystemExit(f"--input {inputs}: no such file or folder")
-    paths = sorted(p for p in inputs.iterdir() if p.suffix.lower() in IMAGE_TYPES) if inputs.is_dir() else [inputs]
+    paths = sorted(p for p in inputs.iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES) if inputs.is_dir() else [inputs]
     if not paths:
         raise SystemExit(f"--input {inputs}: no PNG, JPEG, WebP, BMP or TIFF images in it")
     for path in paths:
