@@ -218,7 +218,7 @@ class Restormer(nn.Module):
     """The Restoration Branch, Eq. (4):  I_r = Conv(F_etb^{4,3,2,1}(F_tb^{1,2,3}(Conv(I_d))↓, Y_l)↑) + I_d
 
     Accepts the official constructor keywords, and its state-dict keys equal the official ones,
-    so `model.load_state_dict(torch.load(ckpt)["params"])` works for released checkpoints.
+    so `model.load_state_dict(torch.load(ckpt, weights_only=True)["params"])` loads released checkpoints.
     Guided levels: l = 4 is `latent`, l = 3, 2, 1 are `decoder_level3/2/1` (F_1 guides the finest
     decoder level, Fig. 4). The refinement blocks stay plain TBs.
     """

@@ -570,26 +570,24 @@ def bench(root=None, patch_size=128, seconds=4.0):
             dataset[int(order[count % len(order)])]
             count += 1
         rate = count / (time.perf_counter() - start)
-        torch.set_num_threads(threads)
-        print(f"{rate:.1f} training patches/s per loader worker ({patch_size}x"
-              f"{patch_size} crops, tasks {'+'.join(tasks)}, {len(samples)} images under {root})")
+    torch.set_num_threads(threads)
+    print(f"{rate:.1f} training patches/s per loader worker ({patch_size}x{patch_size} crops, {'+'.join(tasks)})")
     return rate, tasks
 
 
 def main(args):
     tasks = parse_tasks(args.tasks)
     if args.make_demo:
-        print(f"demo data written to {make_demo_data(args.make_demo, args.seed)}")
-    elif args.check:
+        return print(f"demo data written to {make_demo_data(args.make_demo, args.seed)}")
+    if args.check:
         raise SystemExit(1 if check(args.check, tasks) else 0)
-    elif args.bench is not None:
-        bench(args.bench or None)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            check(make_demo_data(tmp, args.seed), tasks)
-            item = TrainDataset(scan_training_set(tmp, tasks)[0])[0]
-            print("TrainDataset item:", ", ".join(f"{k} {tuple(v.shape)}" for k, v in item.items() if k != "key"))
-            print("test sets:", [(s.task, s.name, s.sigma, len(s)) for s in build_test_sets(tmp, tasks)])
+    if args.bench is not None:
+        return bench(args.bench or None)
+    with tempfile.TemporaryDirectory() as tmp:                  # no argument: a self-check
+        check(make_demo_data(tmp, args.seed), tasks)
+        item = TrainDataset(scan_training_set(tmp, tasks)[0])[0]
+        print("TrainDataset item:", ", ".join(f"{k} {tuple(v.shape)}" for k, v in item.items() if k != "key"))
+        print("test sets:", [(s.task, s.name, s.sigma, len(s)) for s in build_test_sets(tmp, tasks)])
 
 
 def get_args():
