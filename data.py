@@ -259,8 +259,8 @@ def keyed_path(folder, task, key):
 
 def _same_size(image, target, path, target_path):
     if image.shape != target.shape:
-        raise ValueError(f"size mismatch: {path} is {image.shape[2]}x{image.shape[1]} but "
-                         f"{target_path} is {target.shape[2]}x{target.shape[1]}")
+        (h, w), (th, tw) = image.shape[1:], target.shape[1:]
+        raise ValueError(f"size mismatch: {path} is {w}x{h} but {target_path} is {tw}x{th}")
 
 
 def load_pair(sample, sigmas=SIGMAS):
@@ -295,10 +295,9 @@ def _pad_to(images, size, path, warned):
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """Resampled training patches of the restoration stage (Sec. IV-A.4). Item:
-    "degraded" I_d, "positive" (another crop of the same degraded image: L_cl's Z⁺, Eq. 12), "target"
-    I_g, "negatives" (Q, 3, P, P) N_q of Eq. (11) from `<dir>/<task>/<key>.png` cropped like the
-    target, "negative_mask" (Q,), "task", "sigma", "key".
+    """Resampled training patches of the restoration stage (Sec. IV-A.4). Item: "degraded" I_d, "positive"
+    (another crop of the same degraded image: L_cl's Z⁺, Eq. 12), "target" I_g, "negatives" (Q, 3, P, P)
+    N_q of Eq. (11) from `<dir>/<task>/<key>.png`, cropped alike, "negative_mask" (Q,), "task", "sigma", "key".
     Randomness comes from (seed, epoch, index) only: reproducible, different per epoch, and the same
     whichever DataLoader worker draws the index. Ranks differ because a DistributedSampler hands each
     index of an epoch to exactly one rank; and a global batch is augmented identically however many
@@ -357,12 +356,11 @@ class TrainDataset(torch.utils.data.Dataset):
 
 
 class TripletDataset(torch.utils.data.Dataset):
-    """(I_d, I_m, I_g) triplets of the prompt-learning stage (Sec. III-B, Eq. 1). I_m is the stage-1
-    medium-quality image `<medium_dir>/<task>/<key>.png`; `transform` (e.g. CLIP's resize and crop),
-    if given, is applied to each of the three full images separately."""
+    """(I_d, I_m, I_g) triplets of the prompt-learning stage (Sec. III-B, Eq. 1), full images; I_m is
+    the stage-1 medium-quality image `<medium_dir>/<task>/<key>.png`."""
 
-    def __init__(self, samples, medium_dir, sigmas=SIGMAS, transform=None):
-        self.samples, self.sigmas, self.transform = list(samples), tuple(sigmas), transform
+    def __init__(self, samples, medium_dir, sigmas=SIGMAS):
+        self.samples, self.sigmas = list(samples), tuple(sigmas)
         self.medium = [keyed_path(medium_dir, s.task, s.key) for s in self.samples]
         missing = [str(p) for p in self.medium if not p.is_file()]
         if missing:
@@ -375,9 +373,7 @@ class TripletDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         sample = self.samples[index]
         degraded, target, _ = load_pair(sample, self.sigmas)
-        images = [degraded, read_image(self.medium[index]), target]
-        images = [self.transform(image) for image in images] if self.transform else images
-        return {"degraded": images[0], "medium": images[1], "target": images[2],
+        return {"degraded": degraded, "medium": read_image(self.medium[index]), "target": target,
                 "task": torch.tensor(TASKS.index(sample.task)), "key": sample.key}
 
 

@@ -404,8 +404,8 @@ class Restorer:
 def auto_layout(tasks, sigmas):
     if set(sigmas) <= {60, 100}:
         return "unseen-noise"
-    return {("denoise", "dehaze", "derain"): "N+H+R", tuple(TASKS): "N+H+R+B+L"}.get(tuple(tasks),
-                                                                                    "one-by-one" if len(tasks) == 1 else None)
+    layouts = {("denoise", "dehaze", "derain"): "N+H+R", tuple(TASKS): "N+H+R+B+L"}
+    return layouts.get(tuple(tasks), "one-by-one" if len(tasks) == 1 else None)
 
 
 def evaluate_benchmarks(restorer, test_sets, conventions, run, save_dir=None):
@@ -423,8 +423,8 @@ def evaluate_benchmarks(restorer, test_sets, conventions, run, save_dir=None):
                 ssim_list += metrics["ssim"]
             if save_dir:
                 sigma = f"_sigma{test_set.sigma:g}" if test_set.sigma else ""
-                data.write_image(Path(save_dir) / f"{test_set.task}_{test_set.name}{sigma}" / f"{Path(item['name']).stem}.png",
-                                 restored[0])
+                folder = Path(save_dir) / f"{test_set.task}_{test_set.name}{sigma}"
+                data.write_image(folder / f"{Path(item['name']).stem}.png", restored[0])
         for convention, lists in scores.items():
             if run.distributed:                                  # every rank's images, on every rank
                 gathered = [None] * run.world
@@ -439,7 +439,8 @@ def restore_files(restorer, inputs, output_dir, grid=False, perceiver=None, devi
     inputs = Path(inputs)
     if not inputs.exists():
         raise SystemExit(f"--input {inputs}: no such file or folder")
-    paths = sorted(p for p in inputs.iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES) if inputs.is_dir() else [inputs]
+    paths = [inputs] if inputs.is_file() else sorted(p for p in inputs.iterdir()
+                                                     if p.suffix.lower() in data.IMAGE_SUFFIXES)
     if not paths:
         raise SystemExit(f"--input {inputs}: no PNG, JPEG, WebP, BMP or TIFF images in it")
     for path in paths:
@@ -449,7 +450,8 @@ def restore_files(restorer, inputs, output_dir, grid=False, perceiver=None, devi
         line = f"{path.name}: {degraded.shape[-1]}x{degraded.shape[-2]} restored in {time.perf_counter() - start:.1f} s"
         data.write_image(Path(output_dir) / f"{path.stem}.png", restored[0])
         if grid:
-            torchvision.utils.save_image(torch.cat([degraded, restored], dim=-1), Path(output_dir) / f"{path.stem}_grid.png")
+            grid = torch.cat([degraded, restored], dim=-1)                  # input | output
+            torchvision.utils.save_image(grid, Path(output_dir) / f"{path.stem}_grid.png")
         if perceiver is not None:                                # the stage-1 quality perceiver
             with torch.no_grad():
                 before, after = (perceiver(x)[0, perceiver.excellent_index].item() for x in (degraded, restored))
@@ -517,7 +519,8 @@ def profile(restorer, size, device, repeats=3):
     print(f"frozen parameters      {frozen / 1e6:8.2f} M   (DINOv2; CLIP and VGG-16 are used in training only)")
     print(f"FLOPs at 256×256       {flops / 1e9:8.1f} G   ({flops / 2e9:.1f} G multiply-adds)")
     print(f"latency at {size}×{size}   {latency:8.1f} ms  on {device} ({torch.get_num_threads()} CPU threads)")
-    print(f"peak memory            {peak_memory_mb(device):8.0f} MB  ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
+    kind = "CUDA allocated" if device.type == "cuda" else "process RSS"
+    print(f"peak memory            {peak_memory_mb(device):8.0f} MB  ({kind})")
 
 
 def random_restorer(device, backbone="restormer", config="paper", dino="base"):
@@ -585,11 +588,13 @@ def bench(args, device):
     time_ratio, flop_ratio = full_ms / plain_ms, full_flops / plain_flops
     rows.append((f"restoration step, batch {args.bench_batch}, 128²: Perceive-IR vs Restormer+L1 (time)",
                  f"{full_ms / 1000:.2f} s vs {plain_ms / 1000:.2f} s", f"{time_ratio:.2f}x (target <= 1.6x)"))
-    rows.append(("  same steps, FLOPs (torch.utils.flop_counter)", f"{full_flops / 1e12:.2f} vs {plain_flops / 1e12:.2f} TFLOP",
+    rows.append(("  same steps, FLOPs (torch.utils.flop_counter)",
+                 f"{full_flops / 1e12:.2f} vs {plain_flops / 1e12:.2f} TFLOP",
                  f"{flop_ratio:.2f}x; time/FLOP ratio {time_ratio / flop_ratio:.2f} (target <= 1.1)"))
     for (height, width), tile in (((2160, 3840), args.tile), ((1024, 1024), 0)):
-        result = subprocess.run([sys.executable, __file__, "--memory-probe", str(height), str(width), "--tile", str(tile),
-                                 "--device", str(device)], capture_output=True, text=True, check=True)
+        command = [sys.executable, __file__, "--memory-probe", str(height), str(width), "--tile", str(tile),
+                   "--device", str(device)]                      # a fresh process: its own peak
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
         probe = json.loads(result.stdout.strip().splitlines()[-1])
         rows.append((f"inference peak memory, {width}x{height}, " + (f"tiles of {tile}" if tile else "whole image"),
                      f"{probe['peak_mb'] / 1024:.2f} GB in {probe['seconds']:.0f} s",
@@ -670,7 +675,7 @@ def main(args):
     if not args.data_root:
         raise SystemExit("pass --data-root with test sets, or --input with your own images")
     tasks = data.parse_tasks(args.tasks)
-    test_sets = data.build_test_sets(args.data_root, tasks, sigmas=args.sigmas, crop_multiple=args.crop_multiple or None)
+    test_sets = data.build_test_sets(args.data_root, tasks, args.sigmas, crop_multiple=args.crop_multiple or None)
     tables = evaluate_benchmarks(restorer, test_sets, args.conventions, run, args.save_images)
     layout = args.layout or auto_layout(tasks, args.sigmas)
     if run.master:

@@ -100,7 +100,8 @@ def build_sgm(variant="base", weights=None, random_weights=False):
             "pretrained=True) on a machine with internet, then save model.state_dict()) and pass the "
             "file with --dino-weights FILE.") from error
     if variant == "base":
-        description = f"DINOv2 ViT-B/14 ({'random weights, for cost only' if random_weights else weights or 'hub weights'})"
+        source = "random weights, for cost only" if random_weights else weights or "hub weights"
+        description = f"DINOv2 ViT-B/14 ({source})"
     else:
         description = f"tiny DINOv2 stand-in ({weights or 'random weights, NOT pretrained'})"
     return SemanticGuidance(vit, size, description)

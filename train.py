@@ -194,7 +194,8 @@ class Run:
         self.master = self.rank == 0
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
     def print0(self, *message):
         if self.master:
@@ -385,7 +386,7 @@ def fit(args, run, name, model, step_fn, dataset, iters, lr, batch_size, out_dir
                 state["epoch"] = step // epoch_iters
                 if epoch_fn is not None:
                     state["avg_psnr"] = epoch_fn(ema.module if ema is not None else model)
-                    run.print0(f"{name}: epoch {state['epoch']}: avgPSNR on the training probe {state['avg_psnr']:.2f} dB")
+                    run.print0(f"{name}: epoch {state['epoch']}: avgPSNR {state['avg_psnr']:.2f} dB on the probe")
             if iterator is None or step % steps_per_pass == 0:
                 iterator = batches(step // steps_per_pass, step % steps_per_pass)
             batch = to_device(next(iterator), run.device)
@@ -425,7 +426,8 @@ def fit(args, run, name, model, step_fn, dataset, iters, lr, batch_size, out_dir
                 sample_fn(model, batch, out_dir / "samples" / f"step_{step:08d}.png")
             stop = STOP["signal"] is not None
             if run.distributed:                               # agree every 10 steps: one small all-reduce
-                stop = (step % 10 == 0 or step == stop_at) and run.all_sum(torch.tensor(float(stop), device=run.device)).item() > 0
+                flag = torch.tensor(float(stop), device=run.device)
+                stop = (step % 10 == 0 or step == stop_at) and run.all_sum(flag).item() > 0
             if stop:
                 save()
                 run.print0(f"{name}: stopped by {STOP['signal'] or 'a signal to another rank'} at step {step}; "
