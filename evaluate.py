@@ -450,8 +450,8 @@ def restore_files(restorer, inputs, output_dir, grid=False, perceiver=None, devi
         line = f"{path.name}: {degraded.shape[-1]}x{degraded.shape[-2]} restored in {time.perf_counter() - start:.1f} s"
         data.write_image(Path(output_dir) / f"{path.stem}.png", restored[0])
         if grid:
-            grid = torch.cat([degraded, restored], dim=-1)                  # input | output
-            torchvision.utils.save_image(grid, Path(output_dir) / f"{path.stem}_grid.png")
+            side_by_side = torch.cat([degraded, restored], dim=-1)          # input | output
+            torchvision.utils.save_image(side_by_side, Path(output_dir) / f"{path.stem}_grid.png")
         if perceiver is not None:                                # the stage-1 quality perceiver
             with torch.no_grad():
                 before, after = (perceiver(x)[0, perceiver.excellent_index].item() for x in (degraded, restored))
