@@ -546,26 +546,20 @@ def restoration_step_costs(device, batch=2, patch=128, repeats=3):
     batch_ = dict(degraded=x(batch), positive=x(batch), target=x(batch), negatives=x(batch, 2),
                   negative_mask=torch.ones(batch, 2, dtype=torch.bool, device=device),
                   task=torch.arange(batch, device=device) % 3)
-    full_optimizer = torch.optim.AdamW(model.parameters())
-    plain = build_backbone("restormer", "paper").to(device)
-    plain_optimizer = torch.optim.AdamW(plain.parameters())
 
-    def full_step():
-        semantic = sgm(batch_["degraded"])
-        restored, code, code_positive = model(batch_["degraded"], semantic, batch_["positive"])
-        total, _ = criterion(restored, batch_, code, code_positive, 25.0)
-        full_optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        full_optimizer.step()
+    def optimised(net, step_fn):                         # the training steps of train.py, plus AdamW
+        optimizer = torch.optim.AdamW(net.parameters())
 
-    def plain_step():
-        loss = losses.reconstruction_loss(plain(batch_["degraded"]), batch_["target"])
-        plain_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        plain_optimizer.step()
+        def step():
+            total, _ = step_fn(net, batch_, {"avg_psnr": 25.0})
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+        return step
 
-    return {name: (milliseconds(step, repeats, device), flops_of(step))
-            for name, step in (("full", full_step), ("plain", plain_step))}
+    steps = {"full": optimised(model, train.make_restore_step(sgm, criterion, use_cl=True, uses_dino=True)),
+             "plain": optimised(build_backbone("restormer", "paper").to(device), train.l1_step)}
+    return {name: (milliseconds(step, repeats, device), flops_of(step)) for name, step in steps.items()}
 
 
 def memory_probe(height, width, tile, device):

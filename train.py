@@ -549,6 +549,19 @@ def build_probe(dataset, size, seed):
     return torch.stack([x["degraded"] for x in items]), torch.stack([x["target"] for x in items])
 
 
+def make_restore_step(sgm, criterion, use_cl, uses_dino):
+    """The step of Eq. (13) for `fit`: DINOv2 once per batch, the network, the four losses.
+    `evaluate.py --bench` times this same function."""
+    def restore_step(net, batch, state):
+        semantic = sgm(batch["degraded"]) if uses_dino else None                 # DINOv2 once per batch
+        if use_cl:                                                               # Z, Z⁺ in one CFE pass
+            restored, code, code_positive = net(batch["degraded"], semantic, batch["positive"])
+        else:
+            (restored, code), code_positive = net(batch["degraded"], semantic), None
+        return criterion(restored, batch, code, code_positive, state["avg_psnr"])
+    return restore_step
+
+
 def run_restore(args, run, samples, frozen):
     sgm = frozen["sgm"]
     negative_dirs = ([medium_dir(args)] if medium_dir(args).is_dir() else []) + list(args.negatives)
@@ -565,15 +578,7 @@ def run_restore(args, run, samples, frozen):
     dataset = data.TrainDataset(samples, args.patch_size, negative_dirs, parse_resample(args.resample),
                                 args.sigmas, seed=args.seed)
     probe = build_probe(dataset, args.probe_size, args.seed)
-    uses_dino = model.guided and model.use_dino
-
-    def restore_step(net, batch, state):
-        semantic = sgm(batch["degraded"]) if uses_dino else None                 # DINOv2 once per batch
-        if use_cl:                                                               # Z, Z⁺ in one CFE pass
-            restored, code, code_positive = net(batch["degraded"], semantic, batch["positive"])
-        else:
-            (restored, code), code_positive = net(batch["degraded"], semantic), None
-        return criterion(restored, batch, code, code_positive, state["avg_psnr"])
+    restore_step = make_restore_step(sgm, criterion, use_cl, uses_dino=model.guided and model.use_dino)
 
     def average_psnr(model):
         """avgPSNR(I_r, Θ_{k−1}) of Eq. (10): this rank's share of the probe, summed over ranks."""
