@@ -153,15 +153,18 @@ def run_level(blocks, x, prior):
     return x
 
 
-def pad_to_multiple(image, multiple):
-    """Reflect-pad the bottom/right of a (B, C, H, W) image to a multiple of `multiple`.
+def pad_to_multiple(image, multiple, mode="reflect"):
+    """Pad the bottom/right of a (B, C, H, W) image to a multiple of `multiple`.
 
+    mode "reflect" (Restormer's official test script) or "zeros" (NAFNet's official forward).
     Reflection needs the pad to be smaller than the side; tiny images fall back to replication.
     """
     H, W = image.shape[-2:]
     pad_h, pad_w = (-H) % multiple, (-W) % multiple
     if pad_h == 0 and pad_w == 0:
         return image
+    if mode == "zeros":
+        return F.pad(image, (0, pad_w, 0, pad_h))
     mode = "reflect" if pad_h < H and pad_w < W else "replicate"
     return F.pad(image, (0, pad_w, 0, pad_h), mode=mode)
 
@@ -400,14 +403,13 @@ class NAFNet(nn.Module):
                 NAFBlock(channels, mixer=None if guided_attention is None
                          else guided_attention(level, channels, pgca_heads[level - 1]))
                 for _ in range(n)]))
-        self.multiple = 2 ** len(enc_blk_nums)
 
     def forward(self, image, priors=None):
         check_image(image, self.img_channel, "NAFNet")
         if self.guided and priors is None:
             raise ValueError("this NAFNet was built with guided_attention; pass priors for its decoder levels")
         H, W = image.shape[-2:]
-        x_in = pad_to_multiple(image, self.multiple)
+        x_in = pad_to_multiple(image, 2 ** len(self.encoders), "zeros")   # as the official forward does
         x = self.intro(x_in)
         skips = []
         for encoder, down in zip(self.encoders, self.downs):
@@ -463,6 +465,11 @@ def build_backbone(name, config="paper", guided_attention=None):
     """`build_backbone("restormer", "paper")` → the 26,126,644-parameter Restormer of the paper."""
     kwargs = backbone_config(name, config)
     return BACKBONES[name](**kwargs, guided_attention=guided_attention)
+
+
+def size_multiple(name, config="paper"):
+    """The factor every side is padded to: 2 per downsampling (Restormer: 3 of them; NAFNet: 1 per stage)."""
+    return 2 ** len(backbone_config(name, config)["enc_blk_nums"]) if name == "nafnet" else 8
 
 
 def count_parameters(module, trainable=True):

@@ -11,12 +11,13 @@ What is in here:
   `--clip-weights` file, or a tiny random stand-in) and its differentiable 224×224 input.
 - `PromptLearner` (Table XII initialisations) and `encode_prompts`: prompts through CLIP's text
   tower, cut right after the end token.
-- `prompt_logits`, `prompt_loss` (Eq. 1), `build_embedding_bank`, `sample_bank`, `prompt_step`:
-  image features are cached once, so a training step costs only the text tower.
+- `prompt_logits`, `prompt_loss` (Eq. 1), `quality_views`, `build_embedding_bank`, `sample_bank`,
+  `prompt_step`: features of the crops L_clip judges are cached once, so a step costs only the text tower.
 - `QualityPerceiver` and `save_prompts` / `load_prompts`: the trained prompts as P(level | image).
 - Medium-quality images by 2-fold cross-validation: `two_fold_split`, `cross_validation_rounds`,
+  `held_out_split` (10% of the triplets kept out of prompt training),
   `medium_path`, `write_medium_manifest`, `read_medium_manifest` (the loop lives in train.py).
-- `python clip_prompts.py score --prompts CKPT IMAGE...`, `... bench`, and a tiny self-check.
+- `python clip_prompts.py score --prompts CKPT IMAGE...`, and a tiny self-check.
 Training defaults live in `train.py --stage prompt` (Sec. IV-A.4): AdamW, lr 4e-5, batch 32
 triplets (96 images), 100K iterations.
 """
@@ -24,10 +25,12 @@ triplets (96 images), 100K iterations.
 import argparse
 import hashlib
 import json
+import logging
 import os
-import time
+import zlib
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import open_clip
 import torch
 import torch.nn as nn
@@ -77,6 +80,10 @@ def load_clip(name="ViT-B-32", pretrained="openai", weights=None, seed=0):
         source, pretrained = None, "random"
     else:
         source = pretrained
+    # open_clip logs "no pretrained weights" (random on purpose here: clip_info says so) and its
+    # download failures (the error below repeats them, naming --clip-weights): one message, not three.
+    previous_level = logging.root.manager.disable
+    logging.disable(logging.ERROR)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
@@ -88,6 +95,8 @@ def load_clip(name="ViT-B-32", pretrained="openai", weights=None, seed=0):
             raise RuntimeError(f"CLIP {name} weights {pretrained!r} are not available ({error}). "
                                "Without network access, save OpenAI's ViT-B/32 weights as a plain state "
                                "dict on a connected machine and pass --clip-weights FILE.") from error
+        finally:
+            logging.disable(previous_level)
     model.eval().requires_grad_(False)
     model.clip_info = dict(name=name, pretrained=pretrained, weights=weights, seed=seed)
     return model
@@ -98,8 +107,7 @@ def clip_preprocess(images, size=224):
 
     Same recipe as open_clip's eval transform: bicubic resize of the short side (antialiased), centre
     crop, OpenAI mean/std. It runs on tensors, so there is no 8-bit rounding of the resized image.
-    UNSPECIFIED: the paper does not say how stage 1 feeds images to CLIP; we use this one view
-    (no crop augmentation), which is what lets the image features be cached.
+    A 128×128 training crop is upsampled to 224×224 whole: that is the view L_clip judges (Eq. 9).
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"clip_preprocess expects (B, 3, H, W) RGB in [0, 1]; got {tuple(images.shape)}")
@@ -226,14 +234,35 @@ def quality_tiers(item, num_levels):
     return [target, medium, degraded]                     # Sec. III-B: I_g, I_m, I_d → e, m, t
 
 
-def build_embedding_bank(clip_model, dataset, batch_size=64, num_levels=3, num_workers=0):
-    """Encode every image of a TripletDataset once: features (N·K, D) and labels (N·K,), triplet-major
-    (row n·K + k is tier k of triplet n). The image tower is frozen and the preprocessing (resize,
-    centre crop) deterministic, so these are exactly the features an uncached step would compute."""
+def quality_views(item, num_levels, view="crop", crops=4, patch_size=128, seed=0):
+    """The images stage 1 shows CLIP for one triplet: `crops` views × K tiers, view-major (or K whole images).
+
+    # UNSPECIFIED: the paper does not say what CLIP sees in stage 1. L_clip (Eq. 9) later judges
+    # 128-px training crops upsampled to 224, so by default stage 1 trains the prompts on the same
+    # view: `crops` fixed patch_size crops per image, at the same place in I_d, I_m and I_g, each
+    # resized by clip_preprocess as the perceiver does. The positions come from (seed, task, key),
+    # so the cache stays exact. view="whole" is the short-side resize + centre crop of whole images.
+    """
+    tiers = quality_tiers(item, num_levels)
+    if view == "whole":
+        return tiers
+    H, W = tiers[0].shape[-2:]
+    P = min(patch_size, H, W)
+    rng = np.random.default_rng([seed, zlib.crc32(f"{int(item['task'])}/{item['key']}".encode())])
+    corners = rng.integers(0, [H - P + 1, W - P + 1], size=(crops, 2))                # (crops, 2)
+    return [tier[:, y:y + P, x:x + P] for y, x in corners for tier in tiers]
+
+
+def build_embedding_bank(clip_model, dataset, views=None, batch_size=64, num_levels=3, num_workers=0):
+    """Encode the images of every TripletDataset item once: features (N·K, D) and labels (N·K,),
+    view-major (row n·K + k is tier k of view n); `views(item)` gives an item's images (default:
+    its K whole images). The image tower is frozen and the views deterministic, so these are exactly
+    the features an uncached step would compute."""
+    views = views or (lambda item: quality_tiers(item, num_levels))
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)
     features, pending = [], []
     for item in loader:
-        pending += quality_tiers(item, num_levels)
+        pending += views(item)
         if len(pending) >= batch_size:
             features.append(encode_images(clip_model, pending, batch_size))
             pending = []
@@ -310,16 +339,17 @@ class QualityPerceiver(nn.Module):
         return cls(clip_model, text_features, checkpoint["levels"]).to(device)
 
 
-def save_prompts(path, learner, clip_info, config, step):
+def save_prompts(path, learner, clip_info, config, step, held_out=None):
     """The stage-1 result as one plain dict (torch.load(weights_only=True)), written atomically.
-    `clip_info` is `clip_model.clip_info`; the stored text features let a reader check its CLIP."""
+    `clip_info` is `clip_model.clip_info`; the stored text features let a reader check its CLIP;
+    `held_out` is the perceiver's accuracy on the held-out triplets' crops (train.py)."""
     with torch.no_grad():
         text_features = learner().cpu()                                             # (K, D)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"format": PROMPTS_FORMAT, "embeddings": learner.embeddings.detach().cpu(),
                 "levels": list(learner.words), "n_tokens": learner.n_tokens, "init": learner.init,
                 "text_features": text_features, "clip": dict(clip_info), "config": dict(config),
-                "step": int(step)}, f"{path}.tmp")
+                "step": int(step), "held_out": dict(held_out or {})}, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
 
@@ -355,9 +385,6 @@ def two_fold_split(samples):
     so every task and the whole set split within one sample.
     UNSPECIFIED: the paper does not say how the halves are drawn; this rule makes them reproducible.
     """
-    def stable_hash(sample):
-        return hashlib.sha256(f"{sample.task}/{sample.key}".encode()).hexdigest()
-
     by_task, seen = {}, set()
     for sample in samples:
         if (sample.task, sample.key) in seen:
@@ -370,6 +397,22 @@ def two_fold_split(samples):
         for i, sample in enumerate(sorted(by_task[task], key=stable_hash)):
             folds[(i + offset) % 2].append(sample)
     return folds
+
+
+def stable_hash(sample):
+    """The same on every machine and whatever the data root: it orders samples for the splits."""
+    return hashlib.sha256(f"{sample.task}/{sample.key}".encode()).hexdigest()
+
+
+def held_out_split(samples, fraction=0.1):
+    """{(task, key)} of the triplets kept out of prompt training: a fixed `fraction` of each task, by
+    stable hash (none for a task of fewer than 5 images). The perceiver's accuracy on their crops
+    says whether the prompts learned quality or memorised images."""
+    held_out = set()
+    for task in {s.task for s in samples}:
+        ordered = sorted((s for s in samples if s.task == task), key=stable_hash)
+        held_out |= {(s.task, s.key) for s in ordered[:round(fraction * len(ordered))]}
+    return held_out
 
 
 def cross_validation_rounds(samples):
@@ -387,8 +430,8 @@ def medium_path(medium_dir, task, key):
 
 
 @torch.no_grad()
-def render_medium_images(restorer, samples, medium_dir, sigmas, device="cpu", tile=512, overlap=32):
-    """Restore each sample's whole degraded image (tiled, so any size fits) into `medium_path`.
+def render_medium_images(restorer, samples, medium_dir, sigmas, device="cpu"):
+    """Restore each sample's whole degraded image into `medium_path` (tiles only if it does not fit).
 
     Files are written under a temporary name and renamed, and existing ones are skipped, so an
     interrupted rendering resumes where it stopped. The denoising inputs are data.load_pair's
@@ -400,8 +443,12 @@ def render_medium_images(restorer, samples, medium_dir, sigmas, device="cpu", ti
         path = medium_path(medium_dir, sample.task, sample.key)
         if path.is_file():
             continue
-        degraded, _, _ = data.load_pair(sample, sigmas)
-        restored = tiled_forward(restorer, degraded[None].to(device), tile, overlap)[0]
+        degraded = data.load_pair(sample, sigmas)[0][None].to(device)
+        try:                                                  # whole, as evaluation restores test images
+            restored = restorer(degraded)[0]
+        except torch.cuda.OutOfMemoryError:                   # a GPU too small for this image: 512-px tiles
+            torch.cuda.empty_cache()
+            restored = tiled_forward(restorer, degraded, 512, 32)[0]
         data.write_image(path.with_name(path.stem + ".tmp.png"), restored)
         os.replace(path.with_name(path.stem + ".tmp.png"), path)
 
@@ -447,7 +494,7 @@ def read_medium_manifest(medium_dir):
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line: quality scores, the stage-1 benchmark, a self-check
+# Command line: quality scores and a self-check
 # ---------------------------------------------------------------------------------------------
 
 def score(args):
@@ -457,45 +504,6 @@ def score(args):
         with torch.no_grad():
             probabilities = perceiver(data.read_image(path)[None].to(args.device))[0]
         print(f"{path}\t" + "  ".join(f"{w}={p:.4f}" for w, p in zip(perceiver.levels, probabilities.tolist())))
-
-
-def time_prompt_steps(device="cpu", repeats=3):
-    """(naive, cached) milliseconds per step at the paper config, random ViT-B/32 weights: the cached
-    step (bank lookup + 18-token text tower + Eq. 1 + backward + AdamW) against the naive one (image
-    tower on all 96 images + the full 77-token text tower)."""
-    clip_model = load_clip("ViT-B-32", pretrained=None).to(device)
-    learner = PromptLearner(clip_model)
-    optimizer = torch.optim.AdamW(learner.parameters(), lr=4e-5)                    # Sec. IV-A.4
-    logit_scale = clip_model.logit_scale.exp()
-    bank = F.normalize(torch.randn(3000, 512, device=device), dim=-1)               # 1000 triplets
-    bank_labels = torch.arange(3, device=device).repeat(1000)
-    images, labels = torch.rand(96, 3, 224, 224, device=device), bank_labels[:96]   # 32 triplets
-
-    def naive():
-        with torch.no_grad():
-            features = clip_model.encode_image(clip_preprocess(images), normalize=True)
-        prompt_step(learner, optimizer, features, labels, logit_scale, truncate=False)
-
-    def cached():
-        prompt_step(learner, optimizer, *sample_bank(bank, bank_labels, 3, 32), logit_scale)
-
-    def milliseconds(step, repeats):
-        step()                                    # warm-up; prompt_step's .item() waits for the GPU
-        start = time.perf_counter()
-        for _ in range(repeats):
-            step()
-        return (time.perf_counter() - start) / repeats * 1000
-
-    return milliseconds(naive, repeats), milliseconds(cached, 5 * repeats)
-
-
-def bench(args):
-    naive_ms, cached_ms = time_prompt_steps(args.device, args.repeats)
-    print(f"stage-1 prompt step, ViT-B-32 (random weights), 32 triplets = 96 images, N = 16, K = 3, on "
-          f"{args.device} ({torch.get_num_threads()} CPU threads)")
-    print(f"  naive : image tower on 96 images + 77-token text tower  {naive_ms:8.1f} ms/step")
-    print(f"  cached: bank lookup + 18-token text tower               {cached_ms:8.1f} ms/step")
-    print(f"  speed-up {naive_ms / cached_ms:.1f}x (project target >= 30x)")
 
 
 def self_check():
@@ -530,14 +538,9 @@ def main(argv=None):
     scorer.add_argument("--clip-weights", default=None, help="local CLIP state-dict file (offline machines)")
     scorer.add_argument("--device", default="cpu")
     scorer.add_argument("images", nargs="+")
-    timer = commands.add_parser("bench", help="cached vs naive prompt step at the paper config")
-    timer.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    timer.add_argument("--repeats", type=int, default=3, help="timed naive steps (5x as many cached)")
     args = parser.parse_args(argv)
     if args.command == "score":
         score(args)
-    elif args.command == "bench":
-        bench(args)
     else:
         self_check()
 

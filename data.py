@@ -11,7 +11,7 @@ What is in here:
 - `TrainDataset`: resampled flipped crops, L_cl's positive (Eq. 12), L_dpl's negatives (Eq. 11).
 - `TripletDataset`: (I_d, I_m, I_g) of stage 1 (Eq. 1); `build_test_sets`: Tables II-V, IX, XIII.
 - `make_demo_data`, `synthetic_*`: an offline data set of all five degradations.
-- `python data.py --check ROOT | --bench [ROOT] | --make-demo DIR`; no argument: a self-check.
+- `python data.py --check ROOT | --make-demo DIR`; no argument: a self-check.
 
 Layouts, detected per task under `--data-root`:
   generic   {train,test}/<task>/<set>/{input,target}/…   clean sets: {train,test}/denoise/<set>/*
@@ -44,6 +44,9 @@ SIGMAS = (15, 25, 50)                                               # Sec. IV-A.
 UNSEEN_SIGMAS = (60, 100)                                           # Table IX
 RESAMPLE = {"denoise": 3, "dehaze": 1, "derain": 120, "deblur": 5, "lowlight": 200}   # Sec. IV-A.4
 TABLE_I = {"denoise": 400 + 4744, "dehaze": 72135, "derain": 200, "deblur": 2103, "lowlight": 485}
+TEST_SETS = {"denoise": ("CBSD68", "Urban100", "Kodak24"), "dehaze": ("SOTS",), "derain": ("Rain100L",),
+             "deblur": ("GoPro",), "lowlight": ("LOL",)}                          # Table I, testing
+TABLE_I_TEST = {"CBSD68": 68, "Urban100": 100, "Kodak24": 24, "SOTS": 500, "Rain100L": 100, "GoPro": 1111, "LOL": 15}
 AUTHORS_NAMES = dict(denoise="Denoise", dehaze="Dehaze", derain="Derain", deblur="Deblur", lowlight="Enhance")
 # PromptIR's Train/<Name>: (input folder, target folder, list file); None = clean images only.
 PROMPTIR = {"denoise": (None, ".", "noisy/denoise.txt"), "derain": ("rainy", "gt", "rainy/rainTrain.txt"),
@@ -59,6 +62,16 @@ def parse_tasks(spec):
         raise ValueError(f"--tasks {spec!r}: expected letters N, H, R, B, L joined by '+' (e.g. N+H+R) "
                          f"or task names separated by commas ({', '.join(TASKS)})")
     return tuple(t for t in TASKS if t in names)
+
+
+def stratum(task, sigma=0):
+    """The avgPSNR stratum of a training patch (Eq. 10): its task, and σ for noise added on the fly."""
+    return f"{task}_sigma{sigma:g}" if sigma else task
+
+
+def stratum_order(name):
+    task, _, sigma = name.partition("_sigma")
+    return TASKS.index(task), float(sigma or 0)
 
 
 def _rng(*parts):
@@ -143,7 +156,13 @@ def _probe(path, problems, sizes):
     return sizes[path]
 
 
-def _pair_folder(inputs, input_dir, target_dir, problems, sizes):
+def target_stems(stem):
+    """The target names an input (or a prediction) may have: its own, Rain100L's rain-N → norain-N,
+    RESIDE's <id>_<A>_<β> → <id>."""
+    return [stem] + ["no" + stem] * stem.startswith("rain-") + [stem.split("_")[0]] * ("_" in stem)
+
+
+def pair_folder(inputs, input_dir, target_dir, problems, sizes):
     """[(input, target)] for the input files, with their sizes checked."""
     by_relative, by_stem = {}, defaultdict(list)
     for target in _images(target_dir, problems):
@@ -151,9 +170,7 @@ def _pair_folder(inputs, input_dir, target_dir, problems, sizes):
         by_stem[target.stem].append(target)
     pairs = []
     for source in inputs:
-        # Target names to try: the same, Rain100L's rain-N → norain-N, RESIDE's <id>_<A>_<β> → <id>.
-        stem, parent = source.stem, source.relative_to(input_dir).parent
-        stems = [stem] + ["no" + stem] * stem.startswith("rain-") + [stem.split("_")[0]] * ("_" in stem)
+        stems, parent = target_stems(source.stem), source.relative_to(input_dir).parent
         target = next((t for s in stems if (t := by_relative.get((parent / s).as_posix())
                                             or (by_stem[s][0] if len(by_stem.get(s, ())) == 1 else None))), None)
         if target is None:
@@ -242,7 +259,7 @@ def scan_training_set(root, tasks, split="train", strict=True):
                           for p in inputs if _probe(p, problems, sizes)]
             else:
                 found += [Sample(task, prefix + s.relative_to(input_dir).as_posix(), s, t)
-                          for s, t in _pair_folder(inputs, input_dir, target_dir, problems, sizes)]
+                          for s, t in pair_folder(inputs, input_dir, target_dir, problems, sizes)]
         if not found:
             problems.append(f"task {task!r}: no usable images in {folder}: add them or drop {letter} from --tasks")
         report["found"][task] = {"layout": layout, "folder": str(folder), "pairs": len(found)}
@@ -312,6 +329,17 @@ class TrainDataset(torch.utils.data.Dataset):
         ratios = [int(self.resample.get(s.task, 1)) for s in self.samples]
         self.sample_index = np.repeat(np.arange(len(self.samples)), ratios)
         self.copy_index = np.concatenate([np.arange(r) for r in ratios]) if ratios else np.zeros(0, int)
+        # Eq. (10) compares each negative with the avgPSNR of its own stratum: a task, or denoising at one σ.
+        self.strata = sorted({stratum(s.task, sig) for s in self.samples
+                              for sig in (self.sigmas if s.input_path is None else (0,))}, key=stratum_order)
+        # Which images have a non-easy negative in each folder (Eq. 11); missing ones are masked out.
+        self.negative_mask = np.array([[keyed_path(d, s.task, s.key).is_file() for d in self.negative_dirs]
+                                       for s in self.samples], dtype=bool).reshape(len(self.samples), -1)
+        empty = [str(d) for d, covered in self.coverage() if covered == 0]
+        if empty:
+            raise ValueError(f"negatives folder {empty[0]}: no negative for any training image. Expected layout: "
+                             "<folder>/<task>/<key>.png, the key being the image's path below its task's "
+                             "input folder (e.g. <folder>/derain/Rain100L/1.png), as --stage medium writes it")
 
     def set_epoch(self, epoch):
         self._epoch.fill_(epoch)
@@ -320,25 +348,29 @@ class TrainDataset(torch.utils.data.Dataset):
         return len(self.sample_index)
 
     def __getitem__(self, index):
-        sample = self.samples[self.sample_index[index]]
-        copy, epoch, P = int(self.copy_index[index]), int(self._epoch), self.patch_size
-        rng = _rng(self.seed, epoch, index)
+        sample, copy, epoch = self.samples[self.sample_index[index]], int(self.copy_index[index]), int(self._epoch)
+        sigma = 0
+        if sample.input_path is None:
+            # UNSPECIFIED: how σ is drawn (paper: ratio 3, σ ∈ {15, 25, 50}; PromptIR code: 3 copies per σ);
+            # copy c gets σ[(c + epoch + crc(key)) mod 3], so each image sees every σ once per epoch.
+            sigma = self.sigmas[(copy + epoch + zlib.crc32(sample.key.encode())) % len(self.sigmas)]
+        return self.crop(self.sample_index[index], sigma, _rng(self.seed, epoch, index))
+
+    def crop(self, sample_index, sigma, rng):
+        """One training item of sample `sample_index`, noised at σ (clean images), drawn with `rng`."""
+        sample, P = self.samples[sample_index], self.patch_size
         target = read_image(sample.target_path)
         images = [target if sample.input_path is None else read_image(sample.input_path), target]
         _same_size(images[0], target, sample.input_path or sample.target_path, sample.target_path)
-        negative_paths = [keyed_path(folder, sample.task, sample.key) for folder in self.negative_dirs]
-        mask = [path.is_file() for path in negative_paths]
-        for path in (p for p, present in zip(negative_paths, mask) if present):
+        mask = self.negative_mask[sample_index].tolist()
+        for path in (keyed_path(d, sample.task, sample.key) for d, present in zip(self.negative_dirs, mask) if present):
             images.append(read_image(path))
             _same_size(images[-1], target, path, sample.target_path)
         degraded, target, *negatives = _pad_to(images, P, sample.input_path or sample.target_path, self.padded)
         H, W = target.shape[-2:]
         (y, x), (y2, x2) = rng.integers(0, [H - P + 1, W - P + 1], size=(2, 2))   # crop, positive crop
-        sigma, top, left = 0, 0, 0
+        top, left = 0, 0
         if sample.input_path is None:
-            # UNSPECIFIED: how σ is drawn (paper: ratio 3, σ ∈ {15, 25, 50}; PromptIR code: 3 copies per σ);
-            # copy c gets σ[(c + epoch + crc(key)) mod 3], so each image sees every σ once per epoch.
-            sigma = self.sigmas[(copy + epoch + zlib.crc32(sample.key.encode())) % len(self.sigmas)]
             # Noise the region holding both crops once, so the positive shares the realisation.
             top, left = min(y, y2), min(x, x2)
             degraded = add_gaussian_noise(target[:, top:max(y, y2) + P, left:max(x, x2) + P], sigma, rng)
@@ -352,7 +384,24 @@ class TrainDataset(torch.utils.data.Dataset):
             stack[torch.tensor(mask)] = torch.stack(patches[3:])
         return {"degraded": patches[0], "positive": patches[1], "target": patches[2], "negatives": stack,
                 "negative_mask": torch.tensor(mask, dtype=torch.bool), "sigma": torch.tensor(float(sigma)),
-                "task": torch.tensor(TASKS.index(sample.task)), "key": sample.key}
+                "task": torch.tensor(TASKS.index(sample.task)), "key": sample.key,
+                "stratum": torch.tensor(self.strata.index(stratum(sample.task, sigma)))}
+
+    def probe(self, per_stratum, seed=0):
+        """The fixed patches on which avgPSNR of Eq. (10) is measured: {stratum: (I_d, I_g)}, each
+        (per_stratum, 3, P, P), training images only (never test images), the same on every rank."""
+        probe = {}
+        for name in self.strata:
+            task, sigma = name.split("_sigma")[0], float(name.split("_sigma")[1]) if "_sigma" in name else 0
+            indices = [i for i, s in enumerate(self.samples) if s.task == task and (s.input_path is None) == bool(sigma)]
+            order = _rng(seed, "probe", name).permutation(indices)       # cycles when a task has few images
+            items = [self.crop(order[n % len(order)], sigma, _rng(seed, "probe", name, n)) for n in range(per_stratum)]
+            probe[name] = tuple(torch.stack([item[k] for item in items]) for k in ("degraded", "target"))
+        return probe
+
+    def coverage(self):
+        """[(folder, training images with a negative in it)] for the non-easy negatives N_q."""
+        return [(folder, int(covered)) for folder, covered in zip(self.negative_dirs, self.negative_mask.sum(0))]
 
 
 class TripletDataset(torch.utils.data.Dataset):
@@ -408,26 +457,35 @@ class TestSet(torch.utils.data.Dataset):
         return {"degraded": degraded, "target": target, "name": name}
 
 
-def build_test_sets(root, tasks, sigmas=SIGMAS, crop_multiple=None):
+def paper_test_set(task, set_name):
+    """The Table I test set a folder stands for: its name up to the first "-" (SOTS-outdoor-mini → SOTS)."""
+    return next((n for n in TEST_SETS[task] if set_name.split("-")[0].lower() == n.lower()), None)
+
+
+def build_test_sets(root, tasks, sigmas=SIGMAS, crop_multiple=None, problems=None):
     """Every test set of `tasks` under `root/test` (or `root`): one TestSet per (set, σ) for
-    denoising (CBSD68, Urban100, Kodak24; Table IX: σ = 60, 100), one per set otherwise."""
+    denoising (CBSD68, Urban100, Kodak24; Table IX: σ = 60, 100), one per set otherwise.
+    Problems (unreadable files, missing targets, size mismatches) raise one ValueError, or are
+    appended to `problems` when a list is given (`--check`)."""
     root = Path(root)
     base = next((root / s for s in ("test", "Test") if (root / s).is_dir()), root)
-    test_sets, problems, sizes = [], [], {}
+    test_sets, strict, sizes = [], problems is None, {}
+    problems = [] if strict else problems
     for task in tasks:
         names = (task, AUTHORS_NAMES[task], task.capitalize())
         folder = next((base / n for n in names if (base / n).is_dir()), None)
         if folder is None:
-            raise FileNotFoundError(f"no test folder for {task!r} under {base} (tried {', '.join(names)}): "
-                                    "add it or drop the task from --tasks")
+            problems.append(f"no test folder for {task!r} under {base} (tried {', '.join(names)}): "
+                            "add it or drop the task from --tasks")
+            continue
         for name, input_dir, target_dir in _set_folders(folder, task) or _sets_below(folder, task, problems):
             if input_dir is None:
                 clean = [(None, p) for p in _images(target_dir, problems) if _probe(p, problems, sizes)]
                 test_sets += [TestSet(name, task, clean, sigma, crop_multiple) for sigma in sigmas]
             else:
-                pairs = _pair_folder(_images(input_dir, problems), input_dir, target_dir, problems, sizes)
+                pairs = pair_folder(_images(input_dir, problems), input_dir, target_dir, problems, sizes)
                 test_sets.append(TestSet(name, task, pairs, None, crop_multiple))
-    if problems:
+    if strict and problems:
         _raise(problems, base)
     return test_sets
 
@@ -533,42 +591,28 @@ def make_demo_data(root, seed=0, train_count=12, test_count=3, size_range=(128, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line: --check, --bench, --make-demo, and a self-check
+# Command line: --check, --make-demo, and a self-check
 # ---------------------------------------------------------------------------------------------
 
 def check(root, tasks):
-    """Print layouts and counts next to Table I's, and every problem; returns the problem count."""
+    """Print the training sets next to Table I's counts, the test sets with the paper's set each one
+    stands for, and every problem of both splits; returns the problem count."""
     _, report = scan_training_set(root, tasks, strict=False)
     found, problems = report["found"], report["problems"]
-    print(f"{'task':9s} {'layout':17s} {'pairs':>6s} {'ratio':>5s} {'resampled':>9s} {'Table I':>7s}  folder")
+    print(f"{'train':9s} {'layout':17s} {'pairs':>6s} {'ratio':>5s} {'resampled':>9s} {'Table I':>7s}  folder")
     for task, f in found.items():
         print(f"{task:9s} {f['layout']:17s} {f['pairs']:6d} {RESAMPLE[task]:5d} {f['pairs'] * RESAMPLE[task]:9d} "
               f"{TABLE_I[task]:7d}  {f['folder']}")
     print(f"setting {'+'.join(k for k, v in TASK_LETTERS.items() if v in tasks)}: "
           f"{sum(f['pairs'] for f in found.values())} pairs (Table I: {sum(TABLE_I[t] for t in tasks)}), "
           f"{sum(f['pairs'] * RESAMPLE[t] for t, f in found.items())} resampled samples per epoch (Sec. IV-A.4)")
+    print(f"\n{'test':9s} {'set':24s} {'images':>6s}  stands for")
+    for test_set in build_test_sets(root, tasks, sigmas=(None,), problems=problems):
+        paper = paper_test_set(test_set.task, test_set.name)
+        stands_for = f"{paper} (Table I: {TABLE_I_TEST[paper]} images)" if paper else "no Table I test set"
+        print(f"{test_set.task:9s} {test_set.name:24s} {len(test_set):6d}  {stands_for}")
     print("".join(f"PROBLEM: {p}\n" for p in problems) + f"{len(problems)} problem(s)")
     return len(problems)
-
-
-def bench(root=None, patch_size=128, seconds=4.0):
-    """Training patches per second in one process with one thread, i.e. per DataLoader worker."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        tasks = [t for t in TASKS if root and (found := _locate(Path(root), "train", t, [])) and found[2]]
-        if not tasks:
-            root, tasks = make_demo_data(Path(tmp) / "demo"), list(TASKS)
-        samples = scan_training_set(root, tasks)[0]
-        dataset = TrainDataset(samples, patch_size, resample={t: 1 for t in TASKS})   # every image alike
-        order, count, start = np.random.default_rng(0).permutation(len(dataset)), 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            dataset[int(order[count % len(order)])]
-            count += 1
-        rate = count / (time.perf_counter() - start)
-    torch.set_num_threads(threads)
-    print(f"{rate:.1f} training patches/s per loader worker ({patch_size}x{patch_size} crops, {'+'.join(tasks)})")
-    return rate, tasks
 
 
 def main(args):
@@ -577,19 +621,15 @@ def main(args):
         return print(f"demo data written to {make_demo_data(args.make_demo, args.seed)}")
     if args.check:
         raise SystemExit(1 if check(args.check, tasks) else 0)
-    if args.bench is not None:
-        return bench(args.bench or None)
     with tempfile.TemporaryDirectory() as tmp:                  # no argument: a self-check
         check(make_demo_data(tmp, args.seed), tasks)
         item = TrainDataset(scan_training_set(tmp, tasks)[0])[0]
         print("TrainDataset item:", ", ".join(f"{k} {tuple(v.shape)}" for k, v in item.items() if k != "key"))
-        print("test sets:", [(s.task, s.name, s.sigma, len(s)) for s in build_test_sets(tmp, tasks)])
 
 
 def get_args():
-    parser = argparse.ArgumentParser(description="Perceive-IR data: check, benchmark, demo (Sec. IV-A, Table I)")
-    parser.add_argument("--check", metavar="ROOT", help="scan ROOT; print layouts, counts and problems")
-    parser.add_argument("--bench", metavar="ROOT", nargs="?", const="", help="patches/s per loader worker")
+    parser = argparse.ArgumentParser(description="Perceive-IR data: check a dataset, write the demo (Sec. IV-A)")
+    parser.add_argument("--check", metavar="ROOT", help="scan ROOT's train and test splits: counts and problems")
     parser.add_argument("--make-demo", metavar="DIR", help="write the built-in demo data set to DIR")
     parser.add_argument("--tasks", default="N+H+R+B+L", help="N+H+R or N+H+R+B+L (Sec. IV-A.1), or a subset")
     parser.add_argument("--seed", type=int, default=0, help="seed of the demo data")

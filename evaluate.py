@@ -2,61 +2,52 @@
 
 The paper reports PSNR and SSIM per test set and noise level σ, plus their average, for the
 All-in-One settings "N+H+R" (Table II) and "N+H+R+B+L" (Table III), for One-by-One training
-(Tables IV-V) and for the unseen noise levels σ = 60, 100 (Table IX). It does not say how PSNR and
-SSIM are computed, and the methods it compares with use two incompatible conventions:
+(Tables IV-V) and for the unseen noise levels σ = 60, 100 (Table IX), and LPIPS in Fig. 8 and
+Tables VI-VIII. It does not say how PSNR and SSIM are computed, and its peers do not agree:
 
-1. "rgb" (PromptIR, AdaIR and the authors' evaluator): PSNR over the three channels of the float
-   output clamped to [0, 1]; SSIM as skimage's `structural_similarity` defaults (7×7 uniform
-   window, sample covariance N/(N−1), mean over channels).
-2. "y" (BasicSR and MATLAB; the deraining papers): PSNR and SSIM on the BT.601 luma of the 8-bit
-   images, SSIM with an 11×11 Gaussian window (σ = 1.5), borders replicated as MATLAB's ssim().
+1. "rgb" (PromptIR and AdaIR: skimage on the float RGB output clamped to [0, 1]): PSNR over the
+   three channels; SSIM as skimage's `structural_similarity` defaults (7×7 uniform window, sample
+   covariance N/(N−1), mean over channels).
+2. "rgb-gaussian" (MoCE-IR): the same with skimage's `gaussian_weights=True` (11×11 Gaussian, σ 1.5).
+3. "y" (MATLAB-style, as the deraining papers report): PSNR and SSIM on the BT.601 luma of the 8-bit
+   images, SSIM with an 11×11 Gaussian window, borders replicated as MATLAB's ssim(). BasicSR's
+   Y option averages valid windows only, and is usually run with a border crop.
 
-On Rain100L's own inputs the two differ by 1.4 dB (25.5 dB RGB against 26.9 dB Y), more than
-most gaps in Tables II-V, so every table printed here names its convention in its header.
-Both are written in torch (float64) and checked against third-party values in
-`tests/test_evaluate.py` (`../shared/reference/metrics_reference.json`).
+On Rain100L's own inputs "rgb" and "y" differ by 1.4 dB (25.5 against 26.9 dB), more than most gaps
+in Tables II-V, so every table names its convention, and whether images were restored whole (the
+protocol of the paper and its peers) or in tiles.
 
 What is in here:
-- `psnr`, `ssim`, `rgb_to_y`: the building blocks, one value per image.
-- `compute_metrics(restored, target, convention)` (batch mean) and `compute_metrics_per_image`:
-  the conventions "rgb" and "y", plus "rgb-gaussian" (skimage with the Gaussian window of
-  Wang et al. 2004, `gaussian_weights=True`), which some baselines report.
-- `SetResult`, `ResultTable`: per-set results laid out as Tables II, III, IV-V and IX
-  (`LAYOUTS`), as markdown, CSV and JSON, with the column average and the image-weighted
-  average, each labelled.
-The inference half of Sec. IV (checkpoint loading, tiled restoration of any image, `--profile`)
-follows these sections.
+- `psnr`, `ssim`, `rgb_to_y`, `compute_metrics(_per_image)`: the three conventions, in torch (float64),
+  checked against third-party values in tests/test_evaluate.py.
+- `LPIPS`, `build_lpips`: LPIPS (VGG-16, v0.1 calibration), checked against the `lpips` package.
+- `ResultTable`: per-set results in the layouts of Tables II, III, IV-V and IX, as markdown, CSV, JSON.
+- `Restorer`, `evaluate_benchmarks`: a checkpoint on the test sets; `score_predictions`: any method's
+  restored images (`--pred`); `restore_files`: your own images, with what the model perceived in them.
 """
 
 import argparse
 import csv
 import io
 import json
-import math
 import os
-import resource
-import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.utils
-from torch.utils.flop_counter import FlopCounterMode
 
 import clip_prompts
 import data
 import losses
 import train
-from backbone import build_backbone, count_parameters
 from data import TASKS
-from guidance import build_sgm, restore_image
-
+from guidance import build_sgm, perceive, restore_image
 
 # UNSPECIFIED: Sec. IV-A.2 does not say how PSNR and SSIM are computed; we offer each convention
 # and name the one used in every table header (see the module docstring).
@@ -188,6 +179,69 @@ def compute_metrics(restored, target, convention="rgb"):
     return {name: sum(values) / len(values) for name, values in per_image.items()}
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# LPIPS (Sec. IV-A.2, Fig. 8, Tables VI-VIII)
+# ---------------------------------------------------------------------------------------------
+
+LPIPS_NAME = "LPIPS (VGG, v0.1)"
+LPIPS_TAPS = (3, 8, 15, 22, 29)                 # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 of vgg16().features
+
+
+class LPIPS(nn.Module):
+    """LPIPS of Zhang et al. (CVPR 2018), VGG-16 variant, v0.1 calibration: one distance per image pair.
+
+        d(x, y) = Σ_l mean_{h,w} Σ_c w_{l,c} (x̂_l − ŷ_l)²,  x̂_l = V_l(x) / ‖V_l(x)‖ over the channels
+    with V_l the five VGG-16 taps above, computed after LPIPS's own input scaling. These are not
+    L_dpl's taps, and only the real VGG-16 serves here (never the tiny stand-in).
+    # UNSPECIFIED: the paper does not say which LPIPS network it used; peers split between AlexNet
+    # and VGG. We use VGG and name it in every table header.
+    """
+
+    def __init__(self, features, calibration):
+        super().__init__()
+        self.layers = features[:max(LPIPS_TAPS) + 1]        # in-place ReLUs are harmless: taps are ReLU outputs
+        self.calibration = nn.ParameterList([nn.Parameter(w.float().reshape(1, -1, 1, 1)) for w in calibration])
+        # LPIPS v0.1 maps [0, 1] to [-1, 1], then shifts and scales each channel (its ScalingLayer).
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        self.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def forward(self, restored, target):
+        x = ((2 * torch.cat([restored, target]).float() - 1) - self.shift) / self.scale     # (2B, 3, H, W)
+        distance, weights = 0, iter(self.calibration)
+        for index, layer in enumerate(self.layers):
+            x = layer(x)
+            if index in LPIPS_TAPS:
+                unit = x / (x.square().sum(1, keepdim=True).sqrt() + 1e-10)      # x̂_l, unit length per pixel
+                a, b = unit.chunk(2)                                              # restored, target
+                distance = distance + ((a - b).square() * next(weights)).sum(1).mean((1, 2))   # (B,)
+        return distance
+
+
+def build_lpips(vgg_weights=None, lpips_weights=None):
+    """LPIPS from VGG-16 (torchvision's loader, or --vgg-weights, as L_dpl loads it) and the v0.1
+    calibration weights (from the `lpips` package if installed, or --lpips-weights FILE holding its
+    `lin0.model.1.weight` ... `lin4.model.1.weight`). Missing either stops before any image is restored."""
+    needs = ("LPIPS needs VGG-16 ImageNet weights (torchvision's cache, or --vgg-weights FILE) and the v0.1 "
+             "calibration weights (`pip install lpips`, or --lpips-weights FILE)")
+    try:
+        features, _ = losses.load_vgg16_features(vgg_weights)
+        if lpips_weights is None:
+            try:
+                import lpips                                   # an optional extra: only --lpips needs it
+            except ImportError:
+                raise FileNotFoundError("the lpips package is not installed and --lpips-weights was not given")
+            lpips_weights = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
+        state = torch.load(lpips_weights, map_location="cpu", weights_only=True)
+        calibration = [state[f"lin{i}.model.1.weight"] for i in range(len(LPIPS_TAPS))]
+    except (OSError, RuntimeError, ValueError, KeyError) as error:
+        raise SystemExit(f"evaluate.py --lpips: {error}. {needs}") from None
+    return LPIPS(features, calibration)
+
+
 # ---------------------------------------------------------------------------------------------
 # Result tables (Tables II, III, IV-V, IX)
 # ---------------------------------------------------------------------------------------------
@@ -215,24 +269,28 @@ AVERAGE_OF_IMAGES = "Average (all images pooled)"
 
 @dataclass
 class SetResult:
-    """One test set at one noise level σ (None unless denoising): one column of a table."""
+    """One test set at one noise level σ (denoising with synthetic noise only): one column of a table."""
     set_name: str
     task: str
     sigma: float | None = None
     psnr: list = field(default_factory=list)      # per image, dB
     ssim: list = field(default_factory=list)      # per image
+    lpips: list = field(default_factory=list)     # per image, with --lpips
+    names: list = field(default_factory=list)     # the images, in the order of the values
 
     num_images = property(lambda self: len(self.psnr))
-    mean_psnr = property(lambda self: sum(self.psnr) / len(self.psnr))
-    mean_ssim = property(lambda self: sum(self.ssim) / len(self.ssim))
+
+    def mean(self, metric):
+        values = getattr(self, metric)
+        return sum(values) / len(values)
 
     def heading(self, benchmark=None):
         name = self.set_name if benchmark in (None, self.set_name) else f"{benchmark} ({self.set_name})"
         return name if self.sigma is None else f"{name} σ={self.sigma:g}"
 
 
-def _cell(psnr_value, ssim_value):
-    return f"{psnr_value:.2f}/{ssim_value:.4f}"
+def _cell(means):
+    return "/".join(f"{means[m]:{'.2f' if m == 'psnr' else '.4f'}}" for m in means)
 
 
 def _write_atomic(path, text):
@@ -242,37 +300,46 @@ def _write_atomic(path, text):
 
 
 class ResultTable:
-    """Per-set PSNR/SSIM of one method in one metric convention, printable in the paper's layouts.
+    """Per-set PSNR/SSIM (and LPIPS) of one method in one metric convention, in the paper's layouts.
 
-    `add(set_name, task, sigma, psnr_list, ssim_list)` may be called once per set or once per batch
-    (values for the same set and σ are appended). A layout column (benchmark, task, σ) takes the
+    `add(set_name, task, sigma, psnr, ssim, lpips=None, names=None)` may be called once per set or per
+    batch (values of the same set and σ are appended). A layout column (benchmark, task, σ) takes the
     result of that task and σ whose set name, up to its first "-", is the benchmark name
     (case-insensitive): "SOTS-outdoor-mini" fills the SOTS column and is named in its heading.
     `layout=None` gives one column per set added, in order (any subset, e.g. Table XIII's "N+H").
+    `protocol` says how the images were restored ("whole images" or "tiled 512, overlap 32").
     """
 
-    def __init__(self, convention, method="Perceive-IR"):
+    def __init__(self, convention, method="Perceive-IR", protocol="whole images", lpips=False):
         if convention not in CONVENTIONS:
             raise ValueError(f"unknown metric convention {convention!r}; choose one of {list(CONVENTIONS)}")
-        self.convention, self.method, self.sets = convention, method, []
+        self.convention, self.method, self.protocol, self.sets = convention, method, protocol, []
+        self.metrics = ("psnr", "ssim", "lpips") if lpips else ("psnr", "ssim")
 
-    def add(self, set_name, task, sigma, psnr_list, ssim_list):
+    @property
+    def header(self):
+        return CONVENTIONS[self.convention] + (f" · {LPIPS_NAME}" if "lpips" in self.metrics else "")
+
+    def add(self, set_name, task, sigma, psnr_list, ssim_list, lpips_list=None, names=None):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r} for {set_name}; choose one of {TASKS}")
-        if (sigma is None) != (task != "denoise"):
-            raise ValueError(f"{set_name}: σ must be given for denoising and only for denoising, got {sigma}")
-        psnr_list, ssim_list = [float(v) for v in psnr_list], [float(v) for v in ssim_list]
-        if len(psnr_list) != len(ssim_list) or not psnr_list:
+        if sigma is not None and task != "denoise":
+            raise ValueError(f"{set_name}: σ is given for {task}, but only denoising adds noise (σ {sigma})")
+        values = {"psnr": [float(v) for v in psnr_list], "ssim": [float(v) for v in ssim_list],
+                  "lpips": [float(v) for v in lpips_list or []], "names": list(names or [])}
+        if len(values["psnr"]) != len(values["ssim"]) or not values["psnr"]:
             raise ValueError(f"{set_name}: need as many PSNR as SSIM values, at least one, "
-                             f"got {len(psnr_list)} and {len(ssim_list)}")
+                             f"got {len(values['psnr'])} and {len(values['ssim'])}")
+        if ("lpips" in self.metrics) != bool(values["lpips"]) or len(values["lpips"]) not in (0, len(values["psnr"])):
+            raise ValueError(f"{set_name}: one LPIPS value per image if and only if the table has LPIPS")
         sigma = None if sigma is None else float(sigma)
-        for result in self.sets:
-            if (result.set_name, result.task, result.sigma) == (set_name, task, sigma):
-                result.psnr += psnr_list
-                result.ssim += ssim_list
-                return result
-        self.sets.append(SetResult(set_name, task, sigma, psnr_list, ssim_list))
-        return self.sets[-1]
+        result = next((r for r in self.sets if (r.set_name, r.task, r.sigma) == (set_name, task, sigma)), None)
+        if result is None:
+            result = SetResult(set_name, task, sigma)
+            self.sets.append(result)
+        for name, new in values.items():
+            getattr(result, name).extend(new)
+        return result
 
     def columns(self, layout=None):
         """[(heading, SetResult or None)] in the layout's order; None marks a set not evaluated."""
@@ -290,34 +357,30 @@ class ResultTable:
             if len(found) > 1:
                 raise ValueError(f"layout {layout!r} has one {benchmark} column but results for "
                                  f"{[r.set_name for r in found]}; use layout=None to list them all")
-            if found:
-                out.append((found[0].heading(benchmark), found[0]))
-            else:
-                out.append((SetResult(benchmark, task, sigma).heading(), None))
+            out.append((found[0].heading(benchmark), found[0]) if found
+                       else (SetResult(benchmark, task, sigma).heading(), None))
         return out
 
     def averages(self, layout=None):
-        """Both averages over the evaluated columns: {label: (psnr, ssim, count)}, or {} if none."""
+        """Both averages over the evaluated columns: {label: ({metric: mean}, count)}, or {} if none."""
         evaluated = [r for _, r in self.columns(layout) if r is not None]
         if not evaluated:
             return {}
-        pooled_psnr = [v for r in evaluated for v in r.psnr]
-        pooled_ssim = [v for r in evaluated for v in r.ssim]
-        return {AVERAGE_OF_SETS: (sum(r.mean_psnr for r in evaluated) / len(evaluated),
-                                  sum(r.mean_ssim for r in evaluated) / len(evaluated), len(evaluated)),
-                AVERAGE_OF_IMAGES: (sum(pooled_psnr) / len(pooled_psnr),
-                                    sum(pooled_ssim) / len(pooled_ssim), len(pooled_psnr))}
+        of_sets = {m: sum(r.mean(m) for r in evaluated) / len(evaluated) for m in self.metrics}
+        pooled = {m: [v for r in evaluated for v in getattr(r, m)] for m in self.metrics}
+        of_images = {m: sum(values) / len(values) for m, values in pooled.items()}
+        return {AVERAGE_OF_SETS: (of_sets, len(evaluated)), AVERAGE_OF_IMAGES: (of_images, len(pooled["psnr"]))}
 
     def markdown(self, layout=None):
         columns, averages = self.columns(layout), self.averages(layout)
-        header = [CONVENTIONS[self.convention]] + [h for h, _ in columns] + list(averages)
-        scores = [self.method] + [_cell(r.mean_psnr, r.mean_ssim) if r else "-" for _, r in columns]
+        header = [self.header] + [h for h, _ in columns] + list(averages)
+        scores = [self.method] + [_cell({m: r.mean(m) for m in self.metrics}) if r else "-" for _, r in columns]
         counts = ["images"] + [str(r.num_images) if r else "-" for _, r in columns]
-        for label, (p, s, n) in averages.items():
-            scores.append(_cell(p, s))
+        for label, (means, n) in averages.items():
+            scores.append(_cell(means))
             counts.append(f"{n} sets" if label == AVERAGE_OF_SETS else str(n))
         source = "every set evaluated" if layout is None else f"{layout}, layout of {LAYOUTS[layout][0]}"
-        lines = [f"**{self.method}: {source}**", ""]
+        lines = [f"**{self.method}: {source}; {self.protocol}**", ""]
         lines += ["| " + " | ".join(row) + " |" for row in (header, ["---"] * len(header), scores, counts)]
         missing = sum(r is None for _, r in columns)
         if missing:
@@ -329,28 +392,27 @@ class ResultTable:
         """One row per column, then the two averages; '-' where a set was not evaluated."""
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["column", "set", "task", "sigma", "images", "psnr", "ssim", "convention"])
+        writer.writerow(["column", "set", "task", "sigma", "images", *self.metrics, "convention", "protocol"])
         for heading, r in self.columns(layout):
-            values = [r.num_images, r.mean_psnr, r.mean_ssim] if r else ["-"] * 3
+            values = [r.num_images, *(r.mean(m) for m in self.metrics)] if r else ["-"] * (1 + len(self.metrics))
             writer.writerow([heading, r.set_name if r else "-", r.task if r else "-",
-                             "" if r is None or r.sigma is None else f"{r.sigma:g}", *values,
-                             CONVENTIONS[self.convention]])
-        for label, (p, s, n) in self.averages(layout).items():
-            writer.writerow([label, "", "", "", n, p, s, CONVENTIONS[self.convention]])
+                             "" if r is None or r.sigma is None else f"{r.sigma:g}", *values, self.header, self.protocol])
+        for label, (means, n) in self.averages(layout).items():
+            writer.writerow([label, "", "", "", n, *means.values(), self.header, self.protocol])
         return buffer.getvalue()
 
     def to_json(self, layout=None):
         """Everything, per-image values included; `from_json` rebuilds the table."""
-        return {"method": self.method, "convention": self.convention, "header": CONVENTIONS[self.convention],
-                "layout": layout, "averages": {label: {"psnr": p, "ssim": s, "count": n}
-                             for label, (p, s, n) in self.averages(layout).items()},
+        return {"method": self.method, "convention": self.convention, "header": self.header,
+                "protocol": self.protocol, "layout": layout,
+                "averages": {label: {**means, "count": n} for label, (means, n) in self.averages(layout).items()},
                 "sets": [asdict(r) for r in self.sets]}
 
     @classmethod
     def from_json(cls, data):
-        table = cls(data["convention"], data["method"])
+        table = cls(data["convention"], data["method"], data["protocol"], lpips=LPIPS_NAME in data["header"])
         for r in data["sets"]:
-            table.add(r["set_name"], r["task"], r["sigma"], r["psnr"], r["ssim"])
+            table.add(r["set_name"], r["task"], r["sigma"], r["psnr"], r["ssim"], r["lpips"], r["names"])
         return table
 
     def write(self, directory, layout=None, stem=None):
@@ -366,28 +428,31 @@ class ResultTable:
 
 
 # ---------------------------------------------------------------------------------------------
-# Restoring images with a trained checkpoint: whole images or tiles
+# Restoring the test sets with a trained checkpoint, or scoring another method's outputs
 # ---------------------------------------------------------------------------------------------
+
+# Peak memory of one whole-image pass of the paper config (float32, DINOv2 included), from two sizes
+# measured by `python tests/benchmark.py` on the CPU: it grows linearly with the pixels.
+WHOLE_IMAGE_GB = {"base": 1.7, "per_megapixel": 6.5}
+
 
 class Restorer:
     """A trained Perceive-IR rebuilt from its checkpoint's own args, with its frozen DINOv2;
     `restorer(degraded)` restores a (B, 3, H, W) batch in [0, 1] (guidance.restore_image)."""
 
-    def __init__(self, model, sgm, config, tile=512, overlap=32, prior_size=1024):
-        self.model, self.sgm, self.config = model.eval(), sgm, config
+    def __init__(self, model, sgm, config, tile=None, overlap=32, prior_size=1024, centroids=None):
+        self.model, self.sgm, self.config, self.centroids = model.eval(), sgm, config, centroids
         self.tile, self.overlap, self.prior_size = tile or None, overlap, prior_size
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", dino_weights=None, use_ema=True, **options):
+    def from_checkpoint(cls, path, device="cpu", dino_weights=None, **options):
         checkpoint = train.load_checkpoint(path, flag="--checkpoint")
         if checkpoint["stage"] != "restore":
             raise SystemExit(f"--checkpoint {path} is a {checkpoint['stage']!r} checkpoint; pass one of "
                              "`train.py --stage restore` (its restore/last.pt)")
         config = checkpoint["args"]
         model = train.build_model(config)
-        weights = checkpoint["ema"] if use_ema and checkpoint.get("ema") else checkpoint["model"]
-        weights = {k.removeprefix("module."): v for k, v in weights.items() if k != "n_averaged"}
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
         if missing or unexpected:
             raise SystemExit(f"--checkpoint {path} does not match the model its own args describe "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]}): it was written by "
@@ -395,7 +460,11 @@ class Restorer:
         sgm = None
         if model.guided and model.use_dino:
             sgm = build_sgm(config["dino"], dino_weights or config.get("dino_weights")).to(device)
-        return cls(model.to(device), sgm, config, **options)
+        return cls(model.to(device), sgm, config, centroids=checkpoint.get("centroids"), **options)
+
+    @property
+    def protocol(self):
+        return f"tiled {self.tile}, overlap {self.overlap}" if self.tile else "whole images"
 
     def __call__(self, degraded):
         return restore_image(self.model, self.sgm, degraded, self.tile, self.overlap, self.prior_size)
@@ -408,198 +477,169 @@ def auto_layout(tasks, sigmas):
     return layouts.get(tuple(tasks), "one-by-one" if len(tasks) == 1 else None)
 
 
-def evaluate_benchmarks(restorer, test_sets, conventions, run, save_dir=None):
-    """Every test set (and σ) → {convention: ResultTable}; torchrun shards the images over ranks."""
-    tables = {convention: ResultTable(convention) for convention in conventions}
-    for test_set in test_sets:
-        scores = {convention: ([], []) for convention in conventions}
-        for index in range(run.rank, len(test_set), run.world):
-            item = test_set[index]
-            degraded, target = item["degraded"][None].to(run.device), item["target"][None].to(run.device)
+def score_into(tables, test_set, pairs, run, lpips=None):
+    """Score (name, restored, target) pairs of one test set in every convention (and LPIPS) and add
+    them to `tables`; under torchrun each rank scores its share and the shares are gathered."""
+    rows = []
+    for name, restored, target in pairs:
+        row = {"name": name, "lpips": lpips(restored.clamp(0, 1), target).item() if lpips else None}
+        for convention in tables:
+            metrics = compute_metrics_per_image(restored.cpu(), target.cpu(), convention)
+            row[convention] = (metrics["psnr"][0], metrics["ssim"][0])
+        rows.append(row)
+    if run.distributed:                                      # every rank's images, on every rank
+        shares = [None] * run.world
+        dist.all_gather_object(shares, rows)
+        rows = [row for share in shares for row in share]
+    if rows:
+        for convention, table in tables.items():
+            table.add(test_set.name, test_set.task, test_set.sigma, [r[convention][0] for r in rows],
+                      [r[convention][1] for r in rows], [r["lpips"] for r in rows] if lpips else None,
+                      [r["name"] for r in rows])
+
+
+def restored_pairs(restorer, test_set, run, save_dir=None):
+    """(name, I_r, I_g) of this rank's share of a test set, each image restored whole unless --tile."""
+    for index in range(run.rank, len(test_set), run.world):
+        item = test_set[index]
+        degraded, target = item["degraded"][None].to(run.device), item["target"][None].to(run.device)
+        try:
             restored = restorer(degraded)
-            for convention, (psnr_list, ssim_list) in scores.items():
-                metrics = compute_metrics_per_image(restored.cpu(), target.cpu(), convention)
-                psnr_list += metrics["psnr"]
-                ssim_list += metrics["ssim"]
-            if save_dir:
-                sigma = f"_sigma{test_set.sigma:g}" if test_set.sigma else ""
-                folder = Path(save_dir) / f"{test_set.task}_{test_set.name}{sigma}"
-                data.write_image(folder / f"{Path(item['name']).stem}.png", restored[0])
-        for convention, lists in scores.items():
-            if run.distributed:                                  # every rank's images, on every rank
-                gathered = [None] * run.world
-                dist.all_gather_object(gathered, lists)
-                lists = ([v for g in gathered for v in g[0]], [v for g in gathered for v in g[1]])
-            tables[convention].add(test_set.name, test_set.task, test_set.sigma, *lists)
-    return tables
+        except torch.cuda.OutOfMemoryError:
+            H, W = degraded.shape[-2:]
+            raise SystemExit(f"{test_set.name}/{item['name']} ({W}×{H}) does not fit in GPU memory as a whole "
+                             "image (the paper's protocol): pass --tile 512, and the tables will say "
+                             "'tiled 512, overlap 32'") from None
+        if save_dir:                                         # the layout --pred reads back
+            data.write_image(Path(save_dir) / prediction_folder(test_set) / f"{Path(item['name']).stem}.png", restored[0])
+        yield item["name"], restored, target
+
+
+def prediction_folder(test_set):
+    return f"{test_set.task}_{test_set.name}" + (f"_sigma{test_set.sigma:g}" if test_set.sigma else "")
+
+
+def prediction_pairs(folder, test_set, problems):
+    """(name, prediction, target) for every image of a test set that has a prediction in `folder`,
+    matched by stem through data.py's name rules (a RESIDE 0001_0.8_0.2.png scores against 0001).
+    Missing, extra and size-mismatched files are named in `problems`; nothing is skipped silently."""
+    if not folder.is_dir():
+        problems.append(f"{folder}: missing; expected the {len(test_set)} restored images of {test_set.name}")
+        return
+    lookup = {}                                               # input and target stems → test image
+    for index, (source, target) in enumerate(test_set.pairs):
+        lookup.setdefault((source or target).stem, index)
+        lookup.setdefault(target.stem, index)
+    matched = {}
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES):
+        index = next((lookup[s] for s in data.target_stems(path.stem) if s in lookup), None)
+        if index is None or index in matched:
+            problems.append(f"{path}: {'no test image of this name' if index is None else 'a second prediction'} "
+                            f"in {test_set.name}")
+        else:
+            matched[index] = path
+    for index, (source, target) in enumerate(test_set.pairs):
+        if index not in matched:
+            problems.append(f"{folder}: no prediction for {(source or target).name}")
+            continue
+        target_image, prediction = test_set[index]["target"], data.read_image(matched[index])
+        if prediction.shape != target_image.shape:
+            (h, w), (th, tw) = prediction.shape[-2:], target_image.shape[-2:]
+            problems.append(f"size mismatch: {matched[index]} is {w}x{h}, its target {th}x{tw} "
+                            "(outputs of PromptIR's protocol need --crop-multiple 16)")
+            continue
+        yield matched[index].name, prediction[None], target_image[None]
+
+
+def write_tables(tables, args, tasks, run):
+    layout = args.layout or auto_layout(tasks, args.sigmas)
+    for table in tables.values():
+        try:                                              # sets that are not the paper's: one column each
+            if layout and not any(result for _, result in table.columns(layout)):
+                layout = None
+        except ValueError:
+            layout = None
+        if run.master:
+            print(table.markdown(layout))
+            table.write(args.results, layout)
+    run.print0(f"tables written to {args.results}/")
+
+
+def largest_image_note(test_sets, config):
+    """Print the largest test image and what a whole-image pass of it needs: a CPU that runs out of
+    memory is killed without a message, so say it before the first image."""
+    from PIL import Image
+    sizes = [(Image.open(target).size, test_set.name, target.name) for test_set in test_sets
+             for _, target in test_set.pairs]
+    if not sizes:
+        return
+    (W, H), set_name, name = max(sizes, key=lambda s: s[0][0] * s[0][1])
+    need = WHOLE_IMAGE_GB["base"] + WHOLE_IMAGE_GB["per_megapixel"] * W * H / 1e6
+    scale = "paper config" if config.get("backbone_config") == "paper" else "paper config; this smaller one needs less"
+    print(f"largest test image: {set_name}/{name}, {W}×{H}; a whole-image pass needs about {need:.1f} GB "
+          f"({scale}, measured on a CPU; on a GPU, running out names the image and --tile)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Your own images, and what the model perceived in them (Sec. III-C.2, Eq. 9)
+# ---------------------------------------------------------------------------------------------
+
+def output_names(paths):
+    """{input: output file name}: the stem, or stem_suffix where inputs share a stem (img.bmp and
+    img.tif → img_bmp.png, img_tif.png). Names that would still collide are refused up front."""
+    stems = [p.stem for p in paths]
+    names = {p: f"{p.stem}.png" if stems.count(p.stem) == 1 else f"{p.stem}_{p.suffix[1:].lower()}.png" for p in paths}
+    if len(set(names.values())) < len(names):
+        raise SystemExit(f"--input: {len(names) - len(set(names.values()))} output name(s) would collide "
+                         f"({sorted(names.values())}); rename the inputs. Nothing was restored.")
+    return names
 
 
 def restore_files(restorer, inputs, output_dir, grid=False, perceiver=None, device="cpu"):
-    """Restore a file or every image of a folder into `output_dir` as PNG, names kept."""
-    inputs = Path(inputs)
+    """Restore a file or every image of a folder into `output_dir` as PNG, and write perception.json:
+    per image, the task whose centroid of Z is nearest, the similarity to every task, a flag when
+    none is close, and P(excellent) of input and output (--prompts). Unreadable files are named and
+    skipped. Returns the number of skipped files."""
+    inputs, output_dir = Path(inputs), Path(output_dir)
     if not inputs.exists():
         raise SystemExit(f"--input {inputs}: no such file or folder")
     paths = [inputs] if inputs.is_file() else sorted(p for p in inputs.iterdir()
                                                      if p.suffix.lower() in data.IMAGE_SUFFIXES)
     if not paths:
         raise SystemExit(f"--input {inputs}: no PNG, JPEG, WebP, BMP or TIFF images in it")
+    names, report, skipped = output_names(paths), {}, []
+    if restorer.centroids is None:
+        print("perception: this checkpoint holds no centroids of Z (trained with --no-cfe or --no-guidance, or "
+              "by an older version): images are restored, but no degradation type is reported")
     for path in paths:
-        degraded = data.read_image(path)[None].to(device)
+        try:
+            degraded = data.read_image(path)[None].to(device)
+        except ValueError as error:                           # one bad file must not cost the others
+            print(f"SKIPPED {path.name}: {error}")
+            skipped.append(path.name)
+            continue
         start = time.perf_counter()
         restored = restorer(degraded)
-        line = f"{path.name}: {degraded.shape[-1]}x{degraded.shape[-2]} restored in {time.perf_counter() - start:.1f} s"
-        data.write_image(Path(output_dir) / f"{path.stem}.png", restored[0])
+        data.write_image(output_dir / names[path], restored[0])
         if grid:
-            side_by_side = torch.cat([degraded, restored], dim=-1)          # input | output
-            torchvision.utils.save_image(side_by_side, Path(output_dir) / f"{path.stem}_grid.png")
-        if perceiver is not None:                                # the stage-1 quality perceiver
+            torchvision.utils.save_image(torch.cat([degraded, restored], dim=-1), output_dir / f"{Path(names[path]).stem}_grid.png")
+        entry = {"output": names[path]}
+        line = f"{path.name}: {degraded.shape[-1]}x{degraded.shape[-2]} restored in {time.perf_counter() - start:.1f} s"
+        if restorer.centroids is not None:                   # the type of degradation it perceived
+            entry.update(perceive(restorer.model, restorer.centroids, degraded)[0])
+            line += f" | perceived: {entry['task']}" + (" (unfamiliar)" if entry["unfamiliar"] else "")
+        if perceiver is not None:                            # the stage-1 quality perceiver
             with torch.no_grad():
                 before, after = (perceiver(x)[0, perceiver.excellent_index].item() for x in (degraded, restored))
+            entry["p_excellent"] = {"input": before, "output": after}
             line += f" | P(excellent) {before:.3f} -> {after:.3f}"
+        report[path.name] = entry
         print(line, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Model profile (the Params column of Table II) and the cost of perception
-# ---------------------------------------------------------------------------------------------
-
-def peak_memory_mb(device):
-    """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on a CPU.
-
-    On Linux the peak comes from /proc/self/status (VmHWM): getrusage's ru_maxrss survives exec,
-    so a fresh subprocess would report its parent's peak as its own.
-    """
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    status = Path("/proc/self/status")
-    if status.is_file():
-        return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM")) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024                   # KiB on Linux
-
-
-def convolution_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                               _output_padding, _groups, output_mask, out_shape=None, **kwargs):
-    """Each gradient of a convolution (input, weight) costs one forward convolution: 2·B·prod(W)·prod(S)
-    with S the spatial size of the output (of the input for a transposed conv). torch's own formula
-    ignores `groups` for the weight gradient and over-counts depthwise convolutions by their channel
-    count: 26× on a Restormer training step."""
-    forward = 2 * x_shape[0] * math.prod(w_shape) * math.prod((x_shape if transposed else grad_out_shape)[2:])
-    return forward * (int(output_mask[0]) + int(output_mask[1]))
-
-
-def flops_of(function):
-    mapping = {torch.ops.aten.convolution_backward: convolution_backward_flops}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        function()
-    return counter.get_total_flops()
-
-
-def milliseconds(function, repeats, device):
-    """Median wall time of `repeats` calls after one warm-up call."""
-    function()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
-def profile(restorer, size, device, repeats=3):
-    """Trainable and frozen parameters, FLOPs of one forward at 256×256, latency and peak memory at size²."""
-    frozen = count_parameters(restorer.sgm, trainable=False) if restorer.sgm is not None else 0
-    flops = flops_of(lambda: restorer(torch.rand(1, 3, 256, 256, device=device)))
-    image = torch.rand(1, 3, size, size, device=device)
-    latency = milliseconds(lambda: restorer(image), repeats, device)
-    print(f"trainable parameters   {count_parameters(restorer.model) / 1e6:8.2f} M   (Table II lists 42.02 M)")
-    print(f"frozen parameters      {frozen / 1e6:8.2f} M   (DINOv2; CLIP and VGG-16 are used in training only)")
-    print(f"FLOPs at 256×256       {flops / 1e9:8.1f} G   ({flops / 2e9:.1f} G multiply-adds)")
-    print(f"latency at {size}×{size}   {latency:8.1f} ms  on {device} ({torch.get_num_threads()} CPU threads)")
-    kind = "CUDA allocated" if device.type == "cuda" else "process RSS"
-    print(f"peak memory            {peak_memory_mb(device):8.0f} MB  ({kind})")
-
-
-def random_restorer(device, backbone="restormer", config="paper", dino="base"):
-    """The paper-config network with random weights: costs do not depend on the weights."""
-    args = dict(backbone=backbone, backbone_config=config, dino=dino, no_guidance=False, no_dino=False,
-                no_pgm=False, no_cfe=False)
-    sgm = build_sgm(dino, random_weights=True) if dino == "base" else build_sgm(dino)
-    return Restorer(train.build_model(args).to(device), sgm.to(device), args, tile=None)
-
-
-def restoration_step_costs(device, batch=2, patch=128, repeats=3):
-    """(time ms, FLOPs) of one full Perceive-IR training step (DINOv2, CFE, PGM/PGCA, the four losses,
-    two non-easy negatives) and of one plain Restormer step with L1 only, paper configs."""
-    from torchvision.models import vgg16
-    restorer = random_restorer(device)
-    model, sgm = restorer.model.train(), restorer.sgm
-    clip_model = clip_prompts.load_clip("ViT-B-32", pretrained=None).to(device)
-    perceiver = clip_prompts.QualityPerceiver(clip_model, torch.randn(3, 512, device=device),
-                                              ["excellent", "mediocre", "terrible"])
-    vgg = losses.VGGFeatures(vgg16().features, "random VGG-16").to(device)
-    criterion = losses.PerceiveIRLoss(vgg, perceiver)
-    x = lambda *shape: torch.rand(*shape, 3, patch, patch, device=device)
-    batch_ = dict(degraded=x(batch), positive=x(batch), target=x(batch), negatives=x(batch, 2),
-                  negative_mask=torch.ones(batch, 2, dtype=torch.bool, device=device),
-                  task=torch.arange(batch, device=device) % 3)
-
-    def optimised(net, step_fn):                         # the training steps of train.py, plus AdamW
-        optimizer = torch.optim.AdamW(net.parameters())
-
-        def step():
-            total, _ = step_fn(net, batch_, {"avg_psnr": 25.0})
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-        return step
-
-    steps = {"full": optimised(model, train.make_restore_step(sgm, criterion, use_cl=True, uses_dino=True)),
-             "plain": optimised(build_backbone("restormer", "paper").to(device), train.l1_step)}
-    return {name: (milliseconds(step, repeats, device), flops_of(step)) for name, step in steps.items()}
-
-
-def memory_probe(height, width, tile, device):
-    """Run in a fresh process by `bench`: restore one random height×width image, print peak memory."""
-    restorer = random_restorer(device)
-    restorer.tile = tile or None
-    start = time.perf_counter()
-    restorer(torch.rand(1, 3, height, width, device=device))
-    print(json.dumps({"peak_mb": peak_memory_mb(device), "seconds": time.perf_counter() - start}))
-
-
-def bench(args, device):
-    """One table, every row measured in this run on this machine (issue 9)."""
-    rows = [("what", "measured", "ratio / target")]
-    naive_ms, cached_ms = clip_prompts.time_prompt_steps(str(device), args.repeats)
-    rows.append(("stage-1 prompt step, ViT-B-32, 32 triplets: naive vs cached",
-                 f"{naive_ms:.0f} ms vs {cached_ms:.0f} ms", f"{naive_ms / cached_ms:.1f}x (target >= 30x)"))
-    costs = restoration_step_costs(device, args.bench_batch, 128, args.repeats)
-    (full_ms, full_flops), (plain_ms, plain_flops) = costs["full"], costs["plain"]
-    time_ratio, flop_ratio = full_ms / plain_ms, full_flops / plain_flops
-    rows.append((f"restoration step, batch {args.bench_batch}, 128²: Perceive-IR vs Restormer+L1 (time)",
-                 f"{full_ms / 1000:.2f} s vs {plain_ms / 1000:.2f} s", f"{time_ratio:.2f}x (target <= 1.6x)"))
-    rows.append(("  same steps, FLOPs (torch.utils.flop_counter)",
-                 f"{full_flops / 1e12:.2f} vs {plain_flops / 1e12:.2f} TFLOP",
-                 f"{flop_ratio:.2f}x; time/FLOP ratio {time_ratio / flop_ratio:.2f} (target <= 1.1)"))
-    for (height, width), tile in (((2160, 3840), args.tile), ((1024, 1024), 0)):
-        command = [sys.executable, __file__, "--memory-probe", str(height), str(width), "--tile", str(tile),
-                   "--device", str(device)]                      # a fresh process: its own peak
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
-        probe = json.loads(result.stdout.strip().splitlines()[-1])
-        rows.append((f"inference peak memory, {width}x{height}, " + (f"tiles of {tile}" if tile else "whole image"),
-                     f"{probe['peak_mb'] / 1024:.2f} GB in {probe['seconds']:.0f} s",
-                     "target <= 8 GB" if tile else "(reported)"))
-    rate, tasks = data.bench(args.data_root)
-    rows.append((f"data loading, PNG, 128² crops, {'+'.join(tasks)}", f"{rate:.0f} patches/s per worker",
-                 "target >= 100"))
-    rows.append(("GPU step times (fp32/bf16, --compile)", "not measured here", "needs the device tool's GPU"))
-    print(f"\nbenchmark on {device} ({torch.get_num_threads()} CPU threads, torch {torch.__version__})\n")
-    for row in [rows[0], ("---",) * 3, *rows[1:]]:
-        print("| " + " | ".join(row) + " |")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(output_dir / "perception.json", json.dumps(report, indent=1) + "\n")
+    print(f"restored {len(report)} image(s) into {output_dir}; skipped {len(skipped)}"
+          + (f": {', '.join(skipped)}" if skipped else ""))
+    return len(skipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,84 +647,110 @@ def bench(args, device):
 # ---------------------------------------------------------------------------------------------
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate Perceive-IR on the paper's test sets, restore your "
-                                     "own images, profile a model, or measure the cost of perception.")
+    parser = argparse.ArgumentParser(description="Evaluate Perceive-IR on the paper's test sets, score any method's "
+                                     "restored images, or restore your own images.",
+                                     usage="python evaluate.py (--checkpoint CKPT | --pred DIR) [options]")
     add = parser.add_argument
     add("--checkpoint", help="a restore-stage checkpoint (train.py --stage restore: restore/last.pt)")
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    # --- test sets (Sec. IV-A.1-2, Tables II-V, IX, XIII) ---
-    add("--data-root", help="root holding test/<task>/<set>/... (generic layout; data.py)")
+    add("--pred", help="score this folder of restored images instead (any method; no checkpoint)")
+    add("--target", help="with --pred: a folder of targets, scored as one set (else the test sets of --data-root)")
+    add("--method", help="the method's name in the tables (default: Perceive-IR, or the --pred folder)")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    # --- test sets and metrics (Sec. IV-A.1-2, Tables II-IX, XIII) ---
+    add("--data-root", help="root holding test/<task>/<set>/... (data.py layouts)")
     add("--tasks", default="N+H+R", help="test sets to run: N+H+R (Table II), N+H+R+B+L (Table III), one task")
     add("--sigmas", type=float, nargs="+", default=[15, 25, 50], help="denoising σ; 60 100 for Table IX")
     add("--conventions", nargs="+", choices=sorted(CONVENTIONS), default=["rgb", "y"], help="metric conventions")
+    add("--lpips", action="store_true", help=f"add {LPIPS_NAME} (Fig. 8, Tables VI-VIII)")
+    add("--lpips-weights", help="LPIPS v0.1 calibration weights (else from the installed lpips package)")
+    add("--vgg-weights", help="local VGG-16 state-dict file for --lpips (else torchvision's)")
     add("--layout", choices=sorted(LAYOUTS), default=None, help="table layout (default: from --tasks)")
     add("--crop-multiple", type=int, default=0, help="centre-crop test images to a multiple (PromptIR: 16)")
     add("--results", default="results", help="folder for the tables (md, csv, json)")
-    add("--save-images", default=None, help="also write the restored test images here")
+    add("--save-images", default=None, help="also write the restored test images here (the --pred layout)")
     # --- your own images ---
     add("--input", help="an image or a folder of images (PNG, JPEG, WebP, BMP, TIFF)")
-    add("--output", default="restored", help="folder for the restored PNGs (names kept)")
+    add("--output", default="restored", help="folder for the restored PNGs and perception.json")
     add("--grid", action="store_true", help="also write input | output side by side")
-    add("--prompts", help="stage-1 prompts: print the quality perceiver's P(excellent) of input and output")
+    add("--prompts", help="stage-1 prompts: P(excellent) of input and output in perception.json")
     add("--clip-weights", help="local CLIP weights for --prompts")
     # --- inference ---
-    add("--tile", type=int, default=512, help="tile size for the backbone, 0 = whole image")
+    add("--tile", type=int, default=None, help="restore in tiles of this size: test sets are whole images unless "
+        "given (the paper's protocol); --input uses 512 unless given; 0 = whole")
     add("--tile-overlap", type=int, default=32, help="overlap between tiles, blended linearly")
     add("--prior-size", type=int, default=1024, help="CFE sees the whole image, resized above this long side")
     add("--dino-weights", help="local DINOv2 weights (default: those the checkpoint was trained with)")
-    add("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has an EMA")
-    # --- profile and benchmark (issue 9) ---
-    add("--profile", action="store_true", help="parameters, FLOPs at 256², latency and memory at --size")
-    add("--size", type=int, default=256, help="image side for --profile latency and memory")
-    add("--backbone", default="restormer", help="--profile without --checkpoint: the backbone (Table XV)")
-    add("--backbone-config", default="paper", help="--profile without --checkpoint: its named config")
-    add("--bench", action="store_true", help="the cost-of-perception table (README, performance section)")
-    add("--bench-batch", type=int, default=2, help="per-process batch of the restoration-step row")
-    add("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
-    add("--memory-probe", type=int, nargs=2, metavar=("H", "W"), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.pred and args.checkpoint:
+        raise SystemExit("evaluate.py: --pred scores a folder of restored images and --checkpoint restores the "
+                         "test sets; pass one of them")
+    if args.target and not args.pred:
+        raise SystemExit("evaluate.py: --target goes with --pred (a folder of restored images)")
+    try:
+        args.task_names = data.parse_tasks(args.tasks)
+    except ValueError as error:
+        raise SystemExit(f"evaluate.py: {error}") from None
+    if args.target and len(args.task_names) != 1:
+        raise SystemExit(f"evaluate.py: --target scores one set: name its task with --tasks (got {args.tasks})")
+    return args
+
+
+def score_predictions(args, run, lpips):
+    """--pred: another method's restored images, scored as Perceive-IR's are; returns the problem count."""
+    tables = {c: ResultTable(c, args.method or Path(args.pred).name, "predictions as given", lpips is not None)
+              for c in args.conventions}
+    problems, crop = [], args.crop_multiple or None
+    if args.target:                                           # one pair of folders: predictions → targets
+        sizes, pred = {}, Path(args.pred)
+        pairs = data.pair_folder(sorted(p for p in pred.iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES),
+                                 pred, Path(args.target), problems, sizes)
+        test_set = data.TestSet(Path(args.target).parent.name or Path(args.target).name, args.task_names[0],
+                                pairs, None, crop)
+        score_into(tables, test_set, ((i["name"], i["degraded"][None], i["target"][None]) for i in test_set), run, lpips)
+    else:
+        for test_set in data.build_test_sets(args.data_root, args.task_names, args.sigmas, crop):
+            score_into(tables, test_set, prediction_pairs(Path(args.pred) / prediction_folder(test_set), test_set,
+                                                          problems), run, lpips)
+    for problem in problems:
+        run.print0(f"PROBLEM: {problem}")
+    if any(table.sets for table in tables.values()):
+        write_tables(tables, args, args.task_names, run)
+    run.print0(f"{len(problems)} problem(s)" + (": the tables cover the matched images only" if problems else ""))
+    return len(problems)
 
 
 def main(args):
-    run = train.Run()
-    device = run.device if args.device != "cpu" else torch.device("cpu")
-    if args.memory_probe:
-        return memory_probe(*args.memory_probe, args.tile, device)
-    if args.bench:
-        return bench(args, device)
-    if args.checkpoint:
-        restorer = Restorer.from_checkpoint(args.checkpoint, device, args.dino_weights, not args.no_ema,
-                                            tile=args.tile, overlap=args.tile_overlap, prior_size=args.prior_size)
-    elif args.profile:
-        restorer = random_restorer(device, args.backbone, args.backbone_config,
-                                   dino="tiny" if args.backbone_config == "tiny" else "base")
-    else:
-        raise SystemExit("--checkpoint is required (a restore-stage checkpoint), except with --profile or --bench")
-    if args.profile:
-        return profile(restorer, args.size, device, args.repeats)
-    if args.input:
-        perceiver = (clip_prompts.QualityPerceiver.from_checkpoint(args.prompts, args.clip_weights, device)
-                     if args.prompts else None)
-        return restore_files(restorer, args.input, args.output, args.grid, perceiver, device)
-    if not args.data_root:
-        raise SystemExit("pass --data-root with test sets, or --input with your own images")
-    tasks = data.parse_tasks(args.tasks)
-    test_sets = data.build_test_sets(args.data_root, tasks, args.sigmas, crop_multiple=args.crop_multiple or None)
-    tables = evaluate_benchmarks(restorer, test_sets, args.conventions, run, args.save_images)
-    layout = args.layout or auto_layout(tasks, args.sigmas)
-    if run.master:
-        for table in tables.values():
-            try:                                     # sets that are not the paper's: one column each
-                if layout and not any(result for _, result in table.columns(layout)):
-                    layout = None
-            except ValueError:
-                layout = None
-            print(table.markdown(layout))
-            table.write(args.results, layout)
-        print(f"tables written to {args.results}/ (tiles {args.tile or 'none'}, checkpoint {args.checkpoint})")
-    if run.distributed:
-        dist.destroy_process_group()
+    run = train.Run(args.device)
+    lpips = build_lpips(args.vgg_weights, args.lpips_weights).to(run.device) if args.lpips else None
+    try:
+        if args.pred:
+            return 1 if score_predictions(args, run, lpips) else 0
+        if not args.checkpoint:
+            raise SystemExit("evaluate.py: pass --checkpoint (a restore-stage checkpoint) or --pred DIR")
+        restorer = Restorer.from_checkpoint(args.checkpoint, run.device, args.dino_weights, overlap=args.tile_overlap,
+                                            prior_size=args.prior_size)
+        if args.input:                                        # your own images: tiles above 512 px by default
+            restorer.tile = 512 if args.tile is None else args.tile or None
+            perceiver = (clip_prompts.QualityPerceiver.from_checkpoint(args.prompts, args.clip_weights, run.device)
+                         if args.prompts else None)
+            return 1 if restore_files(restorer, args.input, args.output, args.grid, perceiver, run.device) else 0
+        if not args.data_root:
+            raise SystemExit("evaluate.py: pass --data-root with test sets, or --input with your own images")
+        restorer.tile = args.tile or None                      # test sets: whole images, the paper's protocol
+        test_sets = data.build_test_sets(args.data_root, args.task_names, args.sigmas, args.crop_multiple or None)
+        if run.master:
+            largest_image_note(test_sets, restorer.config)
+        tables = {c: ResultTable(c, args.method or "Perceive-IR", restorer.protocol, lpips is not None)
+                  for c in args.conventions}
+        for test_set in test_sets:
+            score_into(tables, test_set, restored_pairs(restorer, test_set, run, args.save_images), run, lpips)
+        write_tables(tables, args, args.task_names, run)
+        run.print0(f"checkpoint {args.checkpoint}; {restorer.protocol}")
+        return 0
+    finally:
+        if run.distributed:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(get_args())
+    sys.exit(main(get_args()))

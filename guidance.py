@@ -15,6 +15,7 @@ What is in here:
 - `GuidedMixer`: PGM then PGCA, the token mixer an ETB uses in place of MDTA.
 - `PerceiveIR`: any backbone of `backbone.py` + the guidance; the ablations of Table X.
 - `restore_image`: any image size, the backbone optionally on tiles, the priors from the whole image.
+- `degradation_centroids`, `perceive`: per-task centroids of Z, and what the model perceives in an image.
 
 DINOv2 is never part of `PerceiveIR`: it is frozen and stays outside the optimiser and DDP; the
 caller runs `semantic = sgm(degraded)` once per batch and passes it to `model(degraded, semantic)`.
@@ -232,10 +233,12 @@ class GuidedMixer(nn.Module):
 
         Y   = PGM(F_l, Z, X)                  (or X + W·F_l without PGM, Table X)
         X^m = proj(CrossAtt(LN(Y), LN(X), LN(X))) + Y
-    # UNSPECIFIED: Eq. (6) writes one Y_l per level from "the input of the l-th decoder layer"; we
-    # give every ETB its own PGM applied to that block's input, so the residual of Eq. (8) carries
-    # the running feature, and normalise Y and X with the block's pre-norm LN as Restormer does
-    # before every attention. The refinement blocks after level 1 stay plain TBs.
+    # DEVIATION: Eq. (6) writes one Y_l per level, from "the input of the l-th decoder layer"; we
+    # give every ETB its own PGM applied to that block's input, so that Y and the residual of
+    # Eq. (8) follow the running feature through the level's blocks (one PGM per level would
+    # modulate only the level's first input, and 9.34M of our 36.79M parameters are these PGMs).
+    # UNSPECIFIED: Y and X are normalised with the block's pre-norm LN, as Restormer does before
+    # every attention; the refinement blocks after level 1 stay plain TBs.
     """
 
     def __init__(self, dim, num_heads, semantic_dim, code_dim=CODE_DIM, use_pgm=True):
@@ -316,24 +319,65 @@ class PerceiveIR(nn.Module):
         return (restored, code, code_positive) if positive is not None else (restored, code)
 
 
+def prior_view(degraded, prior_size=1024):
+    """What CFE sees of a whole image: itself, or a copy resized to `prior_size` px on the long side.
+
+    # UNSPECIFIED: inference on large images is not described; beyond `prior_size` CFE sees the
+    # image resized (its average pooling makes Z size-independent, but resizing also changes the
+    # degradation's scale, so keep prior_size large when memory allows).
+    """
+    scale = min(1.0, prior_size / max(degraded.shape[-2:]))
+    if scale == 1:
+        return degraded
+    return F.interpolate(degraded, scale_factor=scale, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+
 @torch.no_grad()
 def restore_image(model, sgm, degraded, tile=None, overlap=32, prior_size=1024):
     """I_r of a (B, 3, H, W) batch of any size, optionally with the backbone run tile by tile.
 
     The priors F_l and Z are per-image vectors, so DINOv2 and CFE see the whole image once, even
     when the backbone runs on tiles (memory bounded by the tile size): DINOv2 resized to its input
-    size as always (Eq. 5), CFE at native resolution up to `prior_size` pixels on the long side.
-    # UNSPECIFIED: inference on large images is not described; beyond `prior_size` CFE sees the
-    # image resized (its average pooling makes Z size-independent, but resizing also changes the
-    # degradation's scale, so keep prior_size large when memory allows).
+    size as always (Eq. 5), CFE through `prior_view`.
     """
     if not model.guided:
         return tiled_forward(model.backbone, degraded, tile, overlap).clamp(0, 1)
-    scale = min(1.0, prior_size / max(degraded.shape[-2:]))
-    small = degraded if scale == 1 else F.interpolate(degraded, scale_factor=scale, mode="bicubic",
-                                                      antialias=True, align_corners=False).clamp(0, 1)
-    priors = model.priors(sgm(degraded) if model.use_dino else None, model.degradation_code(small))
+    priors = model.priors(sgm(degraded) if model.use_dino else None, model.degradation_code(prior_view(degraded, prior_size)))
     return tiled_forward(lambda x: model.backbone(x, priors), degraded, tile, overlap).clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the model perceives: the degradation code Z against per-task centroids
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def degradation_centroids(model, images, prior_size=1024):
+    """Per-task centroids of Z, the "type" half of what Perceive-IR perceives (Sec. III-C.2).
+
+    `images` yields (task, I_d (3, H, W)) of training images, seen as a query is seen (whole,
+    through `prior_view`). Returns {"tasks", "centroids" (T, 128) unit vectors, "threshold",
+    "prior_size"}: threshold is the 5th percentile of the training images' cosine similarities to
+    their own task's centroid; a query below it resembles no task seen in training.
+    """
+    codes = {}
+    for task, image in images:
+        code = model.degradation_code(prior_view(image[None].to(next(model.parameters()).device), prior_size))
+        codes.setdefault(task, []).append(F.normalize(code, dim=-1)[0])                  # Z/‖Z‖ (128,)
+    tasks = list(codes)
+    centroids = torch.stack([F.normalize(torch.stack(codes[t]).mean(0), dim=0) for t in tasks])   # (T, 128)
+    own = torch.cat([torch.stack(codes[t]) @ centroids[i] for i, t in enumerate(tasks)])          # (N,)
+    return {"tasks": tasks, "centroids": centroids.cpu(), "threshold": torch.quantile(own, 0.05).item(),
+            "prior_size": prior_size}
+
+
+@torch.no_grad()
+def perceive(model, centroids, degraded):
+    """Per image of a batch: the nearest task centroid of its Z, the similarity to every task, and
+    whether it is unfamiliar (no similarity reaches the training images' 5th percentile)."""
+    code = F.normalize(model.degradation_code(prior_view(degraded, centroids["prior_size"])), dim=-1)  # (B, 128)
+    similarity = code @ centroids["centroids"].to(code).T                                            # (B, T)
+    return [{"task": centroids["tasks"][int(row.argmax())], "similarity": dict(zip(centroids["tasks"], row.tolist())),
+             "unfamiliar": bool(row.max() < centroids["threshold"])} for row in similarity]
 
 
 BACKBONE_GROUPS = {   # top-level backbone modules of Restormer and NAFNet → part of Fig. 4(a)
@@ -346,7 +390,8 @@ BACKBONE_GROUPS = {   # top-level backbone modules of Restormer and NAFNet → p
 }
 
 
-GROUP_ORDER = [*BACKBONE_GROUPS, "PGM (Eq. 6)", "PGCA (Eq. 7-8)", "CFE / Z", "learnt F_l (w/o DINOv2)"]
+GROUP_ORDER = [*BACKBONE_GROUPS, "PGM (Eq. 6)", "F_l projection (w/o PGM)", "PGCA (Eq. 7-8)", "CFE (Fig. 4(b))",
+               "learnt Z (w/o CFE)", "learnt F_l (w/o DINOv2)"]
 
 
 def parameter_breakdown(model):
@@ -356,13 +401,14 @@ def parameter_breakdown(model):
         if not p.requires_grad:
             continue
         if ".modulate." in name:
-            group = "PGM (Eq. 6)"
+            owner = model.get_submodule(name.split(".modulate.")[0] + ".modulate")
+            group = "PGM (Eq. 6)" if isinstance(owner, PGM) else "F_l projection (w/o PGM)"
         elif ".pgca." in name:
             group = "PGCA (Eq. 7-8)"
-        elif name.startswith("cfe.") or name == "learned_code":
-            group = "CFE / Z"
-        elif name == "learned_semantic":
-            group = "learnt F_l (w/o DINOv2)"
+        elif name.startswith("cfe."):
+            group = "CFE (Fig. 4(b))"
+        elif name in ("learned_code", "learned_semantic"):
+            group = "learnt Z (w/o CFE)" if name == "learned_code" else "learnt F_l (w/o DINOv2)"
         else:
             top = name.split(".")[1]                          # backbone.<top>.…
             group = next(g for g, tops in BACKBONE_GROUPS.items() if top in tops)

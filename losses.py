@@ -13,12 +13,12 @@ What is in here:
 - `reconstruction_loss` (L_rec) and `contrastive_loss` (L_cl, Eq. 12; under torch.distributed its
   negatives span the global batch and it equals the single-process loss).
 - `clip_aware_loss` (L_clip, Eq. 9) on the probabilities of a quality perceiver.
-- `build_vgg` / `VGGFeatures`: frozen VGG-16 taps V_i for Eq. (11), or a tiny random stand-in.
+- `build_vgg` / `VGGFeatures` / `load_vgg16_features`: frozen VGG-16 taps V_i for Eq. (11) (or a tiny
+  random stand-in); evaluate.py's LPIPS loads its VGG-16 the same way.
 - `batch_psnr`, `negative_weights` (O_k, Eq. 10), `difficulty_adaptive_perceptual_loss` (Eq. 11).
 - `PerceiveIRLoss`: L_total of Eq. (13), one switch per term; `TABLE_XI` names the ablation rows.
 """
 
-import time
 from pathlib import Path
 
 import torch
@@ -167,34 +167,20 @@ class VGGFeatures(nn.Module):
         return features
 
 
-def build_vgg(weights=None, variant="vgg16"):
-    """Frozen feature extractor for L_dpl (Eq. 11).
-
-    variant "vgg16" (the paper): torchvision's VGG-16 IMAGENET1K_V1 through torchvision's own loader
-    (torch hub cache, or a download), or with `weights=FILE` (train.py's --vgg-weights) a state_dict
-    of torchvision's vgg16 saved with torch.save (of the whole model or of its `features` stack;
-    only the feature stack is built and loaded, strictly).
-    variant "tiny": a narrow VGG-shaped network with random weights for tests and the offline demo;
-    it is not VGG-16, and its `.description` says so for the log.
-    """
-    if variant == "tiny":
-        with torch.random.fork_rng(devices=[]):      # the same stand-in every run, global RNG untouched
-            torch.manual_seed(0)
-            layers = make_layers([8, 8, "M", 16, 16, "M", 32, 32, 32])   # vgg16 features[:16], narrow
-        return VGGFeatures(layers, "tiny random VGG-shaped stand-in, NOT pretrained VGG-16 "
-                                   "(L_dpl is a smoke test only)")
-    if variant != "vgg16":
-        raise ValueError(f"unknown VGG variant {variant!r}; choose 'vgg16' (the paper) or 'tiny' (tests, demo)")
+def load_vgg16_features(weights=None):
+    """torchvision's VGG-16 `features` stack with its IMAGENET1K_V1 weights, through torchvision's own
+    loader (torch hub cache, or a download), or with `weights=FILE` (the --vgg-weights flag) from a
+    state_dict of torchvision's vgg16 saved with torch.save (of the whole model or of its `features`
+    stack; only the feature stack is built and loaded, strictly). Returns (features, description)."""
     if weights is None:
         try:
-            model = vgg16(weights=VGG16_Weights.IMAGENET1K_V1)
+            return vgg16(weights=VGG16_Weights.IMAGENET1K_V1).features, "VGG-16 IMAGENET1K_V1 (torchvision)"
         except Exception as error:                   # no cached copy and no network: URLError, OSError, ...
             raise RuntimeError(
                 f"VGG-16 IMAGENET1K_V1 weights are not available (not cached under {torch.hub.get_dir()} "
                 f"and the download failed: {error}). Pass a local file with --vgg-weights FILE, made where "
                 "the weights are available by torch.save(torchvision.models.vgg16(weights='IMAGENET1K_V1')"
                 ".state_dict(), FILE)") from error
-        return VGGFeatures(model.features, "VGG-16 IMAGENET1K_V1 (torchvision)")
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(f"--vgg-weights {path}: no such file (expected a state_dict of "
@@ -209,7 +195,22 @@ def build_vgg(weights=None, variant="vgg16"):
     except Exception as error:
         raise ValueError(f"--vgg-weights {path}: not a state_dict of torchvision's vgg16 ({error}). "
                          "Save one with torch.save(vgg16(...).state_dict(), FILE)") from error
-    return VGGFeatures(features, f"VGG-16 from {path}")
+    return features, f"VGG-16 from {path}"
+
+
+def build_vgg(weights=None, variant="vgg16"):
+    """Frozen feature extractor for L_dpl (Eq. 11): VGG-16 (the paper; see `load_vgg16_features`), or
+    variant "tiny", a narrow VGG-shaped network with random weights for tests and the offline demo;
+    it is not VGG-16, and its `.description` says so for the log."""
+    if variant == "tiny":
+        with torch.random.fork_rng(devices=[]):      # the same stand-in every run, global RNG untouched
+            torch.manual_seed(0)
+            layers = make_layers([8, 8, "M", 16, 16, "M", 32, 32, 32])   # vgg16 features[:16], narrow
+        return VGGFeatures(layers, "tiny random VGG-shaped stand-in, NOT pretrained VGG-16 "
+                                   "(L_dpl is a smoke test only)")
+    if variant != "vgg16":
+        raise ValueError(f"unknown VGG variant {variant!r}; choose 'vgg16' (the paper) or 'tiny' (tests, demo)")
+    return VGGFeatures(*load_vgg16_features(weights))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,21 +249,24 @@ def feature_distance(a, b):
 
 
 def difficulty_adaptive_perceptual_loss(vgg, restored, target, degraded, negatives, negative_mask, avg_psnr,
-                                        lam=2.0, xi=XI, gamma=0.25):
-    """L_dpl, Eq. (11).
+                                        lam=2.0, xi=XI, gamma=0.25, return_very_hard=False):
+    """L_dpl, Eq. (11); with `return_very_hard`, also the (B, Q) mask of present negatives weighted 1 − γ.
 
     vgg: a `VGGFeatures` (anything that maps (n, 3, P, P) to a list of feature maps, one per ξ_i).
     restored I_r (B, 3, P, P) is the anchor, target I_g the positive, degraded I_d the easy negative
     (weight λ), negatives N_q (B, Q, 3, P, P) the non-easy ones (Q may be 0), each weighted by
     O_k(N_q) of Eq. (10) with PSNR(N_q) measured against the target crop, and by 0 where
-    negative_mask (B, Q) is False (no such negative for that image). avg_psnr: see negative_weights.
+    negative_mask (B, Q) is False (no such negative for that image). avg_psnr: see negative_weights;
+    train.py passes one value per image, the avgPSNR of the image's own task (and σ), shape (B, 1).
     """
     B, Q = negatives.shape[:2]
     with torch.no_grad():                            # I_g, I_d and all N_q: one batched call, no graph
         references = torch.cat((target, degraded, negatives.flatten(0, 1)))           # (B·(2+Q), 3, P, P)
         reference_features = vgg(references)
         negative_psnr = batch_psnr(negatives, target[:, None])                        # PSNR(N_q) (B, Q)
-        weights = negative_weights(avg_psnr, negative_psnr, gamma) * negative_mask    # O_k(N_q), 0 if missing
+        weights = negative_weights(avg_psnr, negative_psnr, gamma)                     # O_k(N_q) (B, Q)
+        very_hard = negative_mask & (weights < 1)                                      # weighted 1 − γ
+        weights = weights * negative_mask                                              # 0 if missing
     anchor_features = vgg(restored)                  # V_i(I_r) keeps its graph
     # UNSPECIFIED: Eq. (11) does not say whether the ratio is formed per image or over the batch. We
     # form it per image (each image has its own negatives, masks and O_k) and average the ratios
@@ -276,7 +280,7 @@ def difficulty_adaptive_perceptual_loss(vgg, restored, target, degraded, negativ
         denominator = (lam * feature_distance(easy, anchor)                         # λ·M_i(I_d, I_r)
                        + (weights * feature_distance(hard, anchor[:, None])).sum(dim=1))  # Σ_q O_k·M_i(N_q, I_r)
         loss = loss + xi_i * (numerator / denominator.clamp_min(1e-12)).mean()     # Eq. (11)
-    return loss
+    return (loss, very_hard) if return_very_hard else loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +303,8 @@ class PerceiveIRLoss:
     Holds the frozen VGG features and the quality perceiver (built outside, kept outside DDP) and no
     trainable parameters. A switched-off term costs nothing (no VGG or CLIP forward) and reports 0.
     `criterion(restored, batch, code, code_positive, avg_psnr) -> (total, parts)` with `batch` the
-    training batch dict of data.TrainDataset and `parts` a dict of detached 0-d tensors.
+    training batch dict of data.TrainDataset and `parts` detached tensors: the loss terms (0-d) and,
+    per image (B,), how many non-easy negatives it has and how many of them weigh 1 − γ (Eq. 10).
     """
 
     def __init__(self, vgg=None, perceiver=None, lambda_cl=0.1, lambda_clip=0.05, lambda_dpl=0.1,
@@ -326,13 +331,15 @@ class PerceiveIRLoss:
         loss_clip = clip_aware_loss(self.perceiver, restored) if self.use_clip else zero
         loss_dpl = zero
         if self.use_dpl:
-            loss_dpl = difficulty_adaptive_perceptual_loss(
+            loss_dpl, very_hard = difficulty_adaptive_perceptual_loss(
                 self.vgg, restored, batch["target"], batch["degraded"], batch["negatives"],
-                batch["negative_mask"], avg_psnr, self.lam, self.xi, self.gamma)
+                batch["negative_mask"], avg_psnr, self.lam, self.xi, self.gamma, return_very_hard=True)
         total = (loss_rec + self.lambda_cl * loss_cl + self.lambda_clip * loss_clip    # Eq. (13)
                  + self.lambda_dpl * loss_dpl)
         parts = dict(loss_rec=loss_rec, loss_cl=loss_cl, loss_clip=loss_clip, loss_dpl=loss_dpl,
                      cl_valid_fraction=cl_valid_fraction)
+        if self.use_dpl:                                # what Eq. (10) decided, for the training log
+            parts.update(non_easy_count=batch["negative_mask"].sum(1).float(), very_hard_count=very_hard.sum(1).float())
         return total, {name: value.detach() for name, value in parts.items()}
 
 
@@ -344,17 +351,12 @@ if __name__ == "__main__":
     print(f"{vgg.description}\n  taps {dict(zip(TAP_NAMES, shapes))}")
     target = torch.rand(B, 3, P, P)
     batch = dict(target=target, degraded=(target + 0.2 * torch.randn_like(target)).clamp(0, 1),
-                 negatives=(target + 0.05 * torch.randn(B, Q, 3, P, P)).clamp(0, 1),
+                 negatives=(target[:, None] + 0.05 * torch.randn(B, Q, 3, P, P)).clamp(0, 1),
                  negative_mask=torch.ones(B, Q, dtype=torch.bool), task=torch.arange(B) % 3)
     restored = (batch["degraded"] + 0.1 * (target - batch["degraded"])).requires_grad_()
     code, code_positive = torch.randn(B, 128, requires_grad=True), torch.randn(B, 128, requires_grad=True)
     criterion = PerceiveIRLoss(vgg, use_clip=False)
     total, parts = criterion(restored, batch, code, code_positive, avg_psnr=None)
     total.backward()
-    print(f"L_total {total.item():.4f}  " + "  ".join(f"{k} {v.item():.4f}" for k, v in parts.items()))
-    # Cost of L_dpl with the real VGG-16 layout (random weights: nothing to download).
-    for name, extractor in (("tiny", vgg), ("vgg16", VGGFeatures(make_layers(cfgs["D"]), "random VGG-16"))):
-        start = time.perf_counter()
-        difficulty_adaptive_perceptual_loss(extractor, restored, target, batch["degraded"], batch["negatives"],
-                                            batch["negative_mask"], 30.0).backward()
-        print(f"L_dpl forward+backward, {name}, B={B}, Q={Q}, {P}×{P}: {time.perf_counter() - start:.2f} s")
+    print(f"L_total {total.item():.4f}  " + "  ".join(f"{k} {v.item():.4f}" for k, v in parts.items() if v.dim() == 0))
+    print(f"very hard negatives (avgPSNR not yet measured: all of them): {parts['very_hard_count'].tolist()}")

@@ -12,9 +12,20 @@ sys.path.insert(0, str(REPO))
 
 
 def pytest_configure(config):
-    # torchvision 0.29 flags its image decoders as deprecated on every call (FACTS.md still
-    # recommends them; they work): keep the test report readable.
+    # torchvision 0.29 flags its image decoders as deprecated on every call (they work, and no
+    # replacement ships with the pinned versions): keep the test report readable.
     config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities:DeprecationWarning")
+    config.addinivalue_line("markers", "slow: heavier checks, run by `python -m pytest -q -m slow` (CI runs both)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The default run leaves out `slow` tests; any -m expression (e.g. -m slow) chooses for itself."""
+    if config.getoption("markexpr"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 @pytest.fixture

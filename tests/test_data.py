@@ -127,18 +127,21 @@ def test_resampling_ratios_of_sec_iv_a4_set_how_often_each_task_appears_per_epoc
 # ---------------------------------------------------------------------------------------------
 
 def test_crops_and_flips_align_input_target_and_negatives_pixel_for_pixel(tmp_path):
-    save(tmp_path / "train/derain/S/input/a.png", coded_image(40, 50))
-    target = save(tmp_path / "train/derain/S/target/a.png", coded_image(40, 50, 40))      # target = input + 40
-    save(tmp_path / "neg/derain/S/a.png", 255 - np.asarray(Image.open(target)))          # N = 1 − target
+    for name, offset in (("a", 0), ("b", 3)):
+        save(tmp_path / f"train/derain/S/input/{name}.png", coded_image(40, 50, offset))
+        target = save(tmp_path / f"train/derain/S/target/{name}.png", coded_image(40, 50, offset + 40))   # +40
+        save(tmp_path / f"neg/derain/S/{name}.png", 255 - np.asarray(Image.open(target)))         # N = 1 − target
+    save(tmp_path / "partial/derain/S/b.png", coded_image(40, 50))                                 # b only
     samples, _ = scan_training_set(tmp_path, ("derain",))
-    dataset = TrainDataset(samples, patch_size=16, negative_dirs=[tmp_path / "neg", tmp_path / "absent"])
+    dataset = TrainDataset(samples, patch_size=16, negative_dirs=[tmp_path / "neg", tmp_path / "partial"])
+    assert dataset.coverage() == [(tmp_path / "neg", 2), (tmp_path / "partial", 1)]
     flips, shifted = set(), False
-    for index in range(40):
+    for index in range(40):                                           # copies of a.png (ratio 120)
         item = dataset[index]
         degraded, positive, target_patch = item["degraded"], item["positive"], item["target"]
         assert torch.allclose(target_patch - degraded, torch.full_like(degraded, 40 / 255), atol=1e-6)
         assert torch.allclose(item["negatives"][0], 1 - target_patch, atol=1e-6)
-        assert item["negative_mask"].tolist() == [True, False] and not item["negatives"][1].any()
+        assert item["negative_mask"].tolist() == [True, False] and not item["negatives"][1].any()   # masked
         for patch in (degraded, positive):                            # R = 4x, G = 4y: where it came from
             columns, rows = (patch[0] * 255 / 4).round(), (patch[1] * 255 / 4).round()
             assert (columns.diff(dim=1).abs() == 1).all() and (rows.diff(dim=0).abs() == 1).all()   # contiguous
@@ -147,6 +150,40 @@ def test_crops_and_flips_align_input_target_and_negatives_pixel_for_pixel(tmp_pa
     assert flips == {(False, False), (True, False), (False, True), (True, True)}
     assert shifted
     assert item["task"].item() == TASKS.index("derain") and item["sigma"].item() == 0 and item["key"] == "S/a.png"
+    assert dataset[120]["negative_mask"].tolist() == [True, True]     # b.png has both negatives
+
+
+def test_a_negatives_folder_that_covers_no_training_image_names_itself_and_the_layout(tmp_path):
+    save(tmp_path / "train/derain/S/input/a.png", coded_image(8, 8))
+    save(tmp_path / "train/derain/S/target/a.png", coded_image(8, 8))
+    save(tmp_path / "flat/a.png", coded_image(8, 8))                  # not <folder>/<task>/<key>.png
+    samples, _ = scan_training_set(tmp_path, ("derain",))
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "flat")) + ".*<folder>/<task>/<key>.png"):
+        TrainDataset(samples, 8, negative_dirs=[tmp_path / "flat"])
+
+
+def test_eq10_probe_has_the_same_number_of_fixed_training_patches_per_task_and_sigma(tmp_path):
+    for name in ("a", "b", "c"):
+        save(tmp_path / f"train/denoise/S/{name}.png", np.full((20, 20, 3), 128, np.uint8))
+    for name in ("a", "b"):
+        save(tmp_path / f"train/derain/S/input/{name}.png", coded_image(20, 20))
+        save(tmp_path / f"train/derain/S/target/{name}.png", coded_image(20, 20, 10))
+    dataset = TrainDataset(scan_training_set(tmp_path, ("denoise", "derain"))[0], patch_size=8)
+    assert dataset.strata == ["denoise_sigma15", "denoise_sigma25", "denoise_sigma50", "derain"]
+    probe = dataset.probe(per_stratum=5, seed=0)
+    assert list(probe) == dataset.strata and all(d.shape == t.shape == (5, 3, 8, 8) for d, t in probe.values())
+    for sigma in (15, 25, 50):                                        # noise of the stratum's own σ
+        degraded, target = probe[f"denoise_sigma{sigma}"]
+        assert abs(((degraded - target) * 255).std().item() - sigma) < 0.15 * sigma
+    assert torch.allclose(probe["derain"][1] - probe["derain"][0], torch.full((5, 3, 8, 8), 10 / 255), atol=1e-6)
+    again = dataset.probe(per_stratum=5, seed=0)
+    assert all(torch.equal(probe[k][0], again[k][0]) for k in probe)   # fixed: the same at every epoch
+    dataset.set_epoch(3)
+    assert all(torch.equal(probe[k][0], dataset.probe(5, 0)[k][0]) for k in probe)
+    for index in range(len(dataset)):                                 # each item names its stratum
+        item = dataset[index]
+        expected = f"denoise_sigma{item['sigma'].item():g}" if item["task"] == 0 else "derain"
+        assert dataset.strata[item["stratum"]] == expected
 
 
 def test_positive_is_another_crop_of_the_same_noise_realisation(tmp_path):
@@ -201,13 +238,17 @@ def test_images_smaller_than_the_patch_are_reflect_padded_with_one_warning_namin
         items = [dataset[i] for i in range(3)]
     caught = [w for w in caught if w.category is UserWarning]
     assert len(caught) == 1 and "s.png is 24x20, smaller than the 32x32 patch" in str(caught[0].message)
-    assert items[0]["degraded"].shape == (3, 32, 32)
-    assert torch.allclose(items[0]["degraded"][2], torch.full((32, 32), 100 / 255))   # mirrored pixels, no zeros
-    columns = (items[0]["degraded"][0] * 255 / 4).round()
-    assert columns.max() <= 23 and columns.min() >= 0
+    # Padded by 4 columns and 6 rows on each side, mirrored about the edge pixel (replicating it
+    # would repeat 0 and 23): x = 4 3 2 1 0 1 … 23 22 21 20 19, y = 6 5 … 0 1 … 19 18 … 13.
+    columns = list(range(4, 0, -1)) + list(range(24)) + list(range(22, 18, -1))
+    rows = list(range(6, 0, -1)) + list(range(20)) + list(range(18, 12, -1))
+    for item in items:
+        x, y = ((item["degraded"][c] * 255 / 4).round() for c in (0, 1))
+        assert x[0].tolist() in (columns, columns[::-1]) and y[:, 0].tolist() in (rows, rows[::-1])
 
 
 def test_stage1_triplets_see_the_same_noisy_input_as_the_rendered_medium_image(tmp_path):
+    from clip_prompts import render_medium_images
     save(tmp_path / "train/denoise/S/a.png", np.full((24, 24, 3), 128, np.uint8))
     save(tmp_path / "train/denoise/S/b.png", np.full((24, 24, 3), 128, np.uint8))
     samples, _ = scan_training_set(tmp_path, ("denoise",))
@@ -217,12 +258,12 @@ def test_stage1_triplets_see_the_same_noisy_input_as_the_rendered_medium_image(t
     missing = re.escape(str(tmp_path / "medium/denoise/S/a.png"))
     with pytest.raises(FileNotFoundError, match="--medium-dir .*" + missing):
         TripletDataset(samples, tmp_path / "medium")
-    for sample in samples:
-        write_image(data.keyed_path(tmp_path / "medium", sample.task, sample.key), clean * 0.9)
-    item = TripletDataset(samples, tmp_path / "medium")[0]
-    assert torch.equal(item["degraded"], noisy) and torch.equal(item["target"], clean)
-    assert torch.allclose(item["medium"], (clean * 0.9 * 255).round() / 255)
-    assert item["task"].item() == 0 and item["key"] == "S/a.png"
+    render_medium_images(lambda x: 1 - x, samples, tmp_path / "medium", data.SIGMAS)   # a pointwise "restorer"
+    for index, sample in enumerate(samples):
+        item = TripletDataset(samples, tmp_path / "medium")[index]
+        # I_m was rendered from exactly the noisy input the triplet holds: I_m = 1 − I_d, pixel for pixel.
+        assert torch.allclose(item["medium"], 1 - item["degraded"], atol=1e-6)
+        assert torch.equal(item["target"], clean) and item["key"] == sample.key and item["task"].item() == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,13 +373,24 @@ def test_a_negative_of_another_size_names_both_files(tmp_path):
         dataset[0]
 
 
-def test_check_prints_counts_next_to_table_i_and_every_problem(tmp_path, capsys):
+def test_check_prints_both_splits_next_to_table_i_and_every_problem(tmp_path, capsys):
     paired_set(tmp_path)
-    assert data.check(tmp_path, ("denoise", "derain")) == 1
+    for name in ("1.png", "2.png"):
+        save(tmp_path / f"test/derain/Rain100L/input/{name}", coded_image(8, 8))
+    save(tmp_path / "test/derain/Rain100L/target/1.png", coded_image(8, 8))     # 2.png has no target
+    save(tmp_path / "test/derain/Mine/input/1.png", coded_image(8, 8))
+    save(tmp_path / "test/derain/Mine/target/1.png", coded_image(8, 9))        # size mismatch
+    save(tmp_path / "test/derain/Mine/target/3.png", coded_image(8, 8))
+    (tmp_path / "test/derain/Mine/input/3.png").write_bytes(b"not a png")      # unreadable
+    assert data.check(tmp_path, ("denoise", "derain")) == 5
     out = capsys.readouterr().out
     assert re.search(r"derain +generic +1 +120 +120 +200", out)              # pairs, ratio, resampled, Table I
     assert "setting N+R: 1 pairs (Table I: 5344), 120 resampled" in out       # 400 + 4744 + 200
     assert "PROBLEM: task 'denoise'" in out and "drop N from --tasks" in out
+    assert re.search(r"derain +Rain100L +1 +Rain100L \(Table I: 100 images\)", out)
+    assert re.search(r"derain +Mine +0 +no Table I test set", out)
+    assert "2.png: missing target" in out and "size mismatch" in out and "3.png: unreadable or corrupt" in out
+    assert "no test folder for 'denoise'" in out
 
 
 # ---------------------------------------------------------------------------------------------

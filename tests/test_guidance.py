@@ -1,10 +1,15 @@
 """Claims of Sec. III-C.2-3 (Eq. 5-8), Fig. 4 and Table X about the guidance and the full network."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from backbone import build_backbone, count_parameters
-from guidance import CFE, PGCA, PGM, GuidedMixer, PerceiveIR, SemanticGuidance, build_sgm, parameter_breakdown
+from backbone import TransformerBlock, build_backbone, count_parameters, tiled_forward
+from guidance import (CFE, PGCA, PGM, GuidedMixer, PerceiveIR, PriorProjection, SemanticGuidance, build_sgm,
+                      degradation_centroids, parameter_breakdown, perceive, prior_view, restore_image)
 
 
 @pytest.fixture(scope="module")
@@ -16,19 +21,26 @@ def tiny_model(sgm, **ablation):
     return PerceiveIR("restormer", "tiny", semantic_dim=sgm.embed_dim, **ablation)
 
 
-def test_eq5_sgm_returns_the_cls_token_after_blocks_1_4_8_12(sgm):
+def test_eq5_sgm_returns_the_cls_token_after_blocks_1_4_8_12():
+    sgm = build_sgm("tiny")
+    with torch.no_grad():                         # timm starts LayerScale at 1e-5: every random block would
+        for block in sgm.vit.blocks:              # leave the CLS token almost as it came, hiding a wrong index
+            block.ls1.gamma.fill_(1.0)
+            block.ls2.gamma.fill_(1.0)
     degraded = torch.rand(2, 3, 40, 70)
     semantic = sgm(degraded)
     assert semantic.shape == (2, 4, sgm.embed_dim)
-    # Independent check with forward hooks on blocks 0, 3, 7, 11 (0-based) of the same ViT.
+    # Independent check with forward hooks on every block of the same ViT.
     captured = []
-    hooks = [sgm.vit.blocks[i].register_forward_hook(lambda m, i, o: captured.append(o[:, 0])) for i in (0, 3, 7, 11)]
+    hooks = [block.register_forward_hook(lambda m, i, o: captured.append(o[:, 0])) for block in sgm.vit.blocks]
     with torch.no_grad():
         x = torch.nn.functional.interpolate(degraded, size=(56, 56), mode="bicubic", antialias=True)
         sgm.vit.forward_features((x - sgm.mean) / sgm.std)
     for hook in hooks:
         hook.remove()
-    assert torch.allclose(semantic, torch.stack(captured, dim=1), atol=1e-5)
+    assert torch.allclose(semantic, torch.stack([captured[i] for i in (0, 3, 7, 11)], dim=1), atol=1e-5)
+    for wrong in ((1, 4, 8, 11), (0, 4, 8, 11)):                      # 1-based read as 0-based, off by one
+        assert (semantic - torch.stack([captured[i] for i in wrong], dim=1)).abs().max() > 1e-2
 
 
 def test_eq6_pgm_is_a_per_channel_affine_modulation_that_starts_as_identity():
@@ -47,19 +59,17 @@ def test_eq7_pgca_takes_the_query_from_y_and_key_value_from_x():
     x, y = torch.randn(1, 8, 6, 6), torch.randn(1, 8, 6, 6)
     out, attn = pgca(y, x, return_attention=True)
     assert out.shape == (1, 8, 6, 6) and attn.shape == (1, 2, 4, 4)      # (B, heads, C/h, C/h)
-    # The attention map depends on Y only through Q: rescaling Y leaves it unchanged (Q̂ is
-    # L2-normalised) while changing X's values changes the output through V.
-    _, attn_scaled = pgca(3 * y, x, return_attention=True)
-    assert torch.allclose(attn, attn_scaled, atol=1e-5)
-    assert not torch.allclose(pgca(y, x), pgca(y, x + 1))
-    # By hand for one head: softmax(normalize(q) normalize(k)ᵀ α) v.
+    # By hand: Q from Y, K and V from X; softmax(normalize(q) normalize(k)ᵀ α) per head; out = proj(A v).
     with torch.no_grad():
         q = pgca.q_dwconv(pgca.q(y)).reshape(1, 2, 4, 36)
         k, v = pgca.kv_dwconv(pgca.kv(x)).chunk(2, dim=1)
         k, v = k.reshape(1, 2, 4, 36), v.reshape(1, 2, 4, 36)
         qn, kn = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
-        expected = torch.softmax(qn[0, 1] @ kn[0, 1].T * pgca.temperature[1], dim=-1)
-    assert torch.allclose(attn[0, 1], expected, atol=1e-6)
+        expected_attn = torch.softmax(qn @ kn.transpose(-2, -1) * pgca.temperature, dim=-1)   # (1, 2, 4, 4)
+        expected = pgca.project_out((expected_attn @ v).reshape(1, 8, 6, 6))
+    assert torch.allclose(attn, expected_attn, atol=1e-6)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert not torch.allclose(pgca(x, y), out, atol=1e-3)             # swapping the roles changes it
 
 
 def test_eq8_the_residual_of_the_etb_mixer_is_y():
@@ -71,6 +81,20 @@ def test_eq8_the_residual_of_the_etb_mixer_is_y():
     y = mixer.modulate(x, prior)
     assert torch.allclose(mixer(x, torch.nn.Identity(), prior), y)
     assert torch.allclose(y, x * 1.5 + 0.5)
+
+
+def test_eq3_an_etb_is_gdfn_after_the_guided_mixer_which_takes_the_place_of_mdta():
+    mixer = GuidedMixer(dim=8, num_heads=2, semantic_dim=6, code_dim=2)
+    torch.nn.init.normal_(mixer.modulate.to_scale_shift.weight, std=0.1)
+    block = TransformerBlock(8, 2, mixer=mixer)
+    x, prior = torch.randn(2, 8, 5, 5), torch.randn(2, 8)
+    with torch.no_grad():
+        # Eq. (3): F_etb(X, Y) = F_gdfn(F_pgca(X, Y)), each with its residual, PGCA reading LN(Y), LN(X).
+        y = mixer.modulate(x, prior)
+        mixed = mixer.pgca(block.norm1(y), block.norm1(x)) + y
+        expected = mixed + block.ffn(block.norm2(mixed))
+        assert torch.allclose(block(x, prior), expected, atol=1e-6)
+    assert not any(type(m).__name__ == "MDTA" for m in block.modules())
 
 
 def test_cfe_gives_a_128_d_code_for_any_image_size():
@@ -112,38 +136,69 @@ def test_positive_crop_code_equals_the_code_of_a_separate_pass(sgm):
         assert torch.allclose(code, model.cfe(degraded), atol=1e-5)
 
 
-def test_at_initialisation_the_guidance_changes_only_the_attention_not_the_shapes(sgm):
-    model = tiny_model(sgm)
-    kinds = {type(block.attn).__name__ for block in model.backbone.latent}
-    assert kinds == {"GuidedMixer"}
-    assert {type(b.attn).__name__ for b in model.backbone.encoder_level1} == {"MDTA"}
+def test_the_guidance_keeps_every_feature_shape_of_the_plain_backbone(sgm):
+    guided, plain = tiny_model(sgm), build_backbone("restormer", "tiny")
+    shapes = {}
+    for name, network in (("guided", guided.backbone), ("plain", plain)):
+        shapes[name] = []
+        for level in ("encoder_level1", "latent", "decoder_level3", "decoder_level2", "decoder_level1", "refinement"):
+            last_block = getattr(network, level)[-1]           # run_level calls the blocks one by one
+            last_block.register_forward_hook(lambda m, i, o, s=shapes[name]: s.append(tuple(o.shape)))
+    degraded = torch.rand(1, 3, 24, 40)
+    with torch.no_grad():
+        guided(degraded, sgm(degraded))
+        plain(degraded)
+    assert shapes["guided"] == shapes["plain"] and len(shapes["plain"]) == 6
+    assert {type(block.attn).__name__ for block in guided.backbone.latent} == {"GuidedMixer"}
+    assert {type(b.attn).__name__ for b in guided.backbone.encoder_level1} == {"MDTA"}
 
 
-@pytest.mark.parametrize("ablation", [dict(use_dino=False), dict(use_pgm=False), dict(use_cfe=False),
-                                      dict(use_dino=False, use_pgm=False, use_cfe=False), dict(guided=False)])
-def test_each_table_x_ablation_builds_and_trains(sgm, ablation):
+@pytest.mark.parametrize("ablation, absent, present", [
+    (dict(use_dino=False), "F_l projection", "learnt F_l (w/o DINOv2)"),
+    (dict(use_pgm=False), "PGM (Eq. 6)", "F_l projection (w/o PGM)"),
+    (dict(use_cfe=False), "CFE (Fig. 4(b))", "learnt Z (w/o CFE)"),
+    (dict(guided=False), "PGCA (Eq. 7-8)", "decoder levels")])
+def test_each_table_x_ablation_builds_and_trains(sgm, ablation, absent, present):
     model = tiny_model(sgm, **ablation)
+    for name, p in model.named_parameters():                  # leave the zero-initialised identity start
+        if name.endswith("to_scale_shift.weight") or name == "learned_code":
+            torch.nn.init.normal_(p, std=0.1)
     degraded = torch.rand(2, 3, 16, 16)
     semantic = sgm(degraded) if ablation.get("use_dino", True) else None
     restored, code = model(degraded, semantic)
-    restored.abs().mean().backward()
-    assert any(p.grad is not None for p in model.parameters())
-    if ablation.get("use_dino") is False:
-        assert model.learned_semantic.grad is not None
+    (restored.abs().mean() + (code.square().mean() if code is not None else 0)).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, missing
+    groups = parameter_breakdown(model)
+    assert absent not in groups and present in groups, groups
     if ablation.get("use_cfe") is False:
-        assert not hasattr(model, "cfe") and code.shape == (2, 128)
+        assert not hasattr(model, "cfe") and code.shape == (2, 128) and groups["learnt Z (w/o CFE)"] == 128
     if ablation.get("guided") is False:
         assert code is None and count_parameters(model) == count_parameters(build_backbone("restormer", "tiny"))
 
 
-def test_without_pgm_the_guidance_ignores_z(sgm):
-    model = tiny_model(sgm, use_pgm=False).eval()
+def test_without_pgm_the_guidance_ignores_z_and_with_pgm_it_does_not(sgm):
     degraded = torch.rand(1, 3, 16, 16)
     semantic = sgm(degraded)
+    outputs = {}
+    for use_pgm in (False, True):
+        model = tiny_model(sgm, use_pgm=use_pgm).eval()
+        for name, p in model.named_parameters():                 # as after training: no zero maps
+            if "modulate" in name:
+                torch.nn.init.normal_(p, std=0.2)
+        with torch.no_grad():
+            outputs[use_pgm] = [model.backbone(degraded, model.priors(semantic, code))
+                                for code in (torch.zeros(1, 128), torch.ones(1, 128))]
+    assert torch.equal(*outputs[False])                          # F_l alone: Z has no way in
+    assert (outputs[True][0] - outputs[True][1]).abs().max() > 1e-3
+
+
+def test_w_o_pgm_adds_a_projection_of_the_normalised_f_l_alone():
+    projection = PriorProjection(semantic_dim=6, channels=4)
+    x, semantic, code = torch.randn(2, 4, 3, 3), torch.randn(2, 6), torch.randn(2, 5)
     with torch.no_grad():
-        priors = model.priors(semantic, torch.zeros(1, 128))
-        other = model.priors(semantic, torch.ones(1, 128))
-        assert torch.equal(model.backbone(degraded, priors), model.backbone(degraded, other))
+        expected = x + projection.project(F.layer_norm(semantic, (6,)))[:, :, None, None]
+        assert torch.allclose(projection(x, torch.cat([semantic, code], dim=1)), expected, atol=1e-6)
 
 
 def test_missing_or_mismatched_semantic_features_give_a_clear_error(sgm):
@@ -188,21 +243,81 @@ def test_sgm_stays_frozen_in_train_mode(sgm):
     assert isinstance(sgm, SemanticGuidance) and count_parameters(sgm) == 0
 
 
-def test_parameter_breakdown_adds_up_to_the_trainable_count(sgm):
+def pgca_by_hand(C, heads):
+    """α (heads) + Q 1×1 (C·C) and its 3×3 depthwise (9C) + K,V 1×1 (2C·C) and depthwise (18C) + proj (C·C)."""
+    return heads + C * C + 9 * C + 2 * C * C + 18 * C + C * C
+
+
+def pgm_by_hand(C, prior=768 + 128):
+    """LayerNorm over concat(F_l, Z) (2·896) + the linear map to (γ, β) ∈ R^{2C} (896·2C + 2C)."""
+    return 2 * prior + prior * 2 * C + 2 * C
+
+
+def test_parameter_breakdown_counts_pgm_and_pgca_as_worked_out_by_hand():
     model = PerceiveIR("restormer", "paper")
     breakdown = parameter_breakdown(model)
-    assert sum(breakdown.values()) == count_parameters(model)
-    # With guidance removed, the rest is exactly the 26.13M Restormer minus its 24 replaced MDTAs.
-    guided = breakdown["PGM (Eq. 6)"] + breakdown["PGCA (Eq. 7-8)"] + breakdown["CFE / Z"]
-    replaced_mdta = 8 * (4 * 384**2 + 9 * 3 * 384 + 8) + 6 * (4 * 192**2 + 9 * 3 * 192 + 4) \
-        + 6 * (4 * 96**2 + 9 * 3 * 96 + 2) + 4 * (4 * 96**2 + 9 * 3 * 96 + 1)
-    assert count_parameters(model) - guided == 26_126_644 - replaced_mdta
+    # ETBs of the paper config: latent 8 × 384 ch (8 heads), decoder levels 6 × 192 (4), 6 × 96 (2), 4 × 96 (1).
+    etbs = [(8, 384, 8), (6, 192, 4), (6, 96, 2), (4, 96, 1)]
+    assert breakdown["PGCA (Eq. 7-8)"] == sum(n * pgca_by_hand(C, h) for n, C, h in etbs)
+    assert breakdown["PGM (Eq. 6)"] == sum(n * pgm_by_hand(C) for n, C, _ in etbs)
+    assert sum(breakdown.values()) == count_parameters(model) == 36_792_116
 
 
 def test_the_random_tiny_stand_in_is_the_same_in_every_process_and_rebuild():
-    torch.manual_seed(1)
-    first = build_sgm("tiny")
-    torch.manual_seed(2)
-    second = build_sgm("tiny")
-    image = torch.rand(1, 3, 56, 56)
-    assert torch.equal(first(image), second(image))
+    from conftest import REPO
+    code = ("import torch, guidance; torch.manual_seed({}); sgm = guidance.build_sgm('tiny'); "
+            "print(repr(sum(p.double().sum().item() for p in sgm.parameters())))")
+    sums = [subprocess.run([sys.executable, "-c", code.format(seed)], capture_output=True, text=True, cwd=REPO,
+                           check=True).stdout.strip() for seed in (1, 2)]
+    here = repr(sum(p.double().sum().item() for p in build_sgm("tiny").parameters()))
+    assert sums[0] == sums[1] == here
+
+
+# ---------------------------------------------------------------------------------------------
+# Restoring any image, and what the model perceives
+# ---------------------------------------------------------------------------------------------
+
+def test_restore_image_takes_the_priors_from_the_whole_image_even_when_the_backbone_runs_on_tiles(sgm):
+    model = tiny_model(sgm).eval()
+    for name, p in model.named_parameters():
+        if "to_scale_shift" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    image = torch.rand(1, 3, 60, 80)
+    with torch.no_grad():
+        priors = model.priors(sgm(image), model.degradation_code(image))           # whole-image F_l and Z
+        expected = tiled_forward(lambda x: model.backbone(x, priors), image, 32, 8).clamp(0, 1)
+        assert torch.equal(restore_image(model, sgm, image, tile=32, overlap=8), expected)
+        assert torch.allclose(restore_image(model, sgm, image), model(image, sgm(image))[0].clamp(0, 1), atol=1e-6)
+        # Beyond prior_size, CFE sees the image resized to prior_size on its long side.
+        assert prior_view(image, 40).shape == (1, 3, 30, 40) and prior_view(image, 1024) is image
+        small = model.degradation_code(prior_view(image, 40))
+        resized = model.backbone(image, model.priors(sgm(image), small)).clamp(0, 1)
+        assert torch.allclose(restore_image(model, sgm, image, prior_size=40), resized, atol=1e-6)
+        assert not torch.allclose(resized, restore_image(model, sgm, image), atol=1e-4)
+
+
+def test_perception_reports_the_nearest_task_centroid_of_z_and_flags_an_unfamiliar_image(sgm):
+    model = tiny_model(sgm).eval()
+    noise = torch.Generator().manual_seed(0)
+    tasks = {"denoise": lambda g: (g + 0.3 * torch.randn(g.shape, generator=noise)).clamp(0, 1),
+             "lowlight": lambda g: 0.1 * g}
+    clean = [torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    images = [(task, make(image)) for task, make in tasks.items() for image in clean]
+    centroids = degradation_centroids(model, iter(images))
+    assert centroids["tasks"] == ["denoise", "lowlight"] and centroids["centroids"].shape == (2, 128)
+    with torch.no_grad():
+        codes = {t: F.normalize(torch.stack([model.cfe(i[None])[0] for task, i in images if task == t]), dim=1)
+                 for t in tasks}
+    for i, task in enumerate(tasks):                        # the normalised mean of unit codes Z/‖Z‖
+        assert torch.allclose(centroids["centroids"][i], F.normalize(codes[task].mean(0), dim=0), atol=1e-5)
+    own = torch.cat([codes[t] @ centroids["centroids"][i] for i, t in enumerate(tasks)])
+    assert centroids["threshold"] == pytest.approx(torch.quantile(own, 0.05).item(), abs=1e-6)
+    queries = torch.stack([tasks["lowlight"](clean[0]), tasks["denoise"](clean[1])])
+    report = perceive(model, centroids, queries)
+    with torch.no_grad():
+        expected = F.normalize(model.cfe(queries), dim=1) @ centroids["centroids"].T
+    assert [r["task"] for r in report] == [["denoise", "lowlight"][int(row.argmax())] for row in expected]
+    assert [v for r in report for v in r["similarity"].values()] == pytest.approx(expected.flatten().tolist(), abs=1e-6)
+    assert [r["unfamiliar"] for r in report] == [bool(row.max() < centroids["threshold"]) for row in expected]
+    unfamiliar = perceive(model, {**centroids, "threshold": 1.01}, queries)      # no code is that close
+    assert all(r["unfamiliar"] for r in unfamiliar)

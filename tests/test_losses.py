@@ -379,10 +379,18 @@ def training_batch(B=4, Q=2, P=16):
                 task=torch.tensor([0, 1, 1, 2]))
 
 
+def tiny_perceiver():
+    """The real QualityPerceiver on the tiny random CLIP, with prompts of its own text tower."""
+    import clip_prompts
+    clip_model = clip_prompts.load_clip("tiny")
+    learner = clip_prompts.PromptLearner(clip_model)
+    return clip_model, clip_prompts.QualityPerceiver(clip_model, learner().detach(), learner.words)
+
+
 def test_i_r_and_the_restorer_get_gradients_while_vgg_and_clip_get_none():
     model, batch = TinyRestorer(), training_batch()
     vgg = build_vgg(variant="tiny")
-    perceiver = StubPerceiver([0.1, 0.2, 0.3], excellent_index=0, weight_scale=0.5)
+    clip_model, perceiver = tiny_perceiver()
     restored, code = model(batch["degraded"])
     restored.retain_grad()
     _, code_positive = model(batch["positive"])
@@ -390,8 +398,10 @@ def test_i_r_and_the_restorer_get_gradients_while_vgg_and_clip_get_none():
     total.backward()
     assert restored.grad is not None and restored.grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-    assert all(p.grad is None for p in vgg.parameters()) and all(p.grad is None for p in perceiver.parameters())
-    assert all(not v.requires_grad and v.dim() == 0 for v in parts.values())
+    frozen = [*vgg.parameters(), *perceiver.parameters(), *clip_model.parameters()]
+    assert len(frozen) > 50 and all(p.grad is None and not p.requires_grad for p in frozen)
+    assert all(not v.requires_grad for v in parts.values())
+    assert all(parts[k].dim() == 0 for k in ("loss_rec", "loss_cl", "loss_clip", "loss_dpl", "cl_valid_fraction"))
 
 
 @pytest.mark.parametrize("row", sorted(TABLE_XI))
@@ -403,23 +413,42 @@ def test_table_xi_rows_switch_terms_off_and_a_term_off_costs_nothing(row):
     _, code_positive = model(batch["positive"])
     criterion = PerceiveIRLoss(features, perceiver, **switches)
     total, parts = criterion(restored, batch, code, code_positive, avg_psnr=25.0)
-    # Eq. (13) with λ1, λ2, λ3 = 0.1, 0.05, 0.1 (Sec. IV-A.4)
-    expected = (parts["loss_rec"] + 0.1 * parts["loss_cl"] * switches["use_cl"]
-                + 0.05 * parts["loss_clip"] * switches["use_clip"] + 0.1 * parts["loss_dpl"] * switches["use_dpl"])
-    assert torch.allclose(total.detach(), expected)
-    assert parts["loss_rec"] == reconstruction_loss(restored, batch["target"])
-    for name, used in (("loss_cl", "use_cl"), ("loss_clip", "use_clip"), ("loss_dpl", "use_dpl")):
-        assert (parts[name] > 0) == switches[used]
-    assert (perceiver.calls > 0) == switches["use_clip"]
+    assert (perceiver.calls > 0) == switches["use_clip"]      # a switched-off term costs nothing
     assert (len(features.calls) > 0) == switches["use_dpl"]
+    # Eq. (13) from terms computed here, each by its own function (tested by hand above):
+    # λ1, λ2, λ3 = 0.1, 0.05, 0.1 (Sec. IV-A.4).
+    with torch.no_grad():
+        rec = (restored - batch["target"]).abs().mean()
+        cl = contrastive_loss(code, code_positive, batch["task"])[0]
+        clip = 1 - perceiver(restored)[:, 0].mean()
+        dpl = difficulty_adaptive_perceptual_loss(PowerFeatures(), restored, batch["target"], batch["degraded"],
+                                                  batch["negatives"], batch["negative_mask"], 25.0)
+    expected = rec + 0.1 * cl * switches["use_cl"] + 0.05 * clip * switches["use_clip"] + 0.1 * dpl * switches["use_dpl"]
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert min(cl, clip, dpl) > 0.05                          # each term would move the total
     assert parts["cl_valid_fraction"].item() == (1.0 if switches["use_cl"] else 0.0)
 
 
 def test_table_xi_has_the_eight_rows_of_the_paper():
-    assert len(TABLE_XI) == 8
-    assert TABLE_XI["a"] == dict(use_clip=False, use_dpl=False, use_cl=False)
-    assert TABLE_XI["h"] == dict(use_clip=True, use_dpl=True, use_cl=True)
-    assert len({tuple(v.values()) for v in TABLE_XI.values()}) == 8
+    # Table XI: (a) L_rec alone, then L_clip, L_dpl, L_cl alone, in pairs, and all three (h).
+    assert TABLE_XI == {
+        "a": dict(use_clip=False, use_dpl=False, use_cl=False), "b": dict(use_clip=True, use_dpl=False, use_cl=False),
+        "c": dict(use_clip=False, use_dpl=True, use_cl=False), "d": dict(use_clip=False, use_dpl=False, use_cl=True),
+        "e": dict(use_clip=False, use_dpl=True, use_cl=True), "f": dict(use_clip=True, use_dpl=True, use_cl=False),
+        "g": dict(use_clip=True, use_dpl=False, use_cl=True), "h": dict(use_clip=True, use_dpl=True, use_cl=True)}
+
+
+def test_eq10_each_image_counts_its_non_easy_negatives_and_those_weighted_1_minus_gamma():
+    restored, target, degraded, negatives, mask = dpl_batch(Q=2)
+    # Per-image avgPSNR (B, 1): image 0's task at 15 dB, image 1's at 25 dB.
+    # Image 0: N_1 20 dB > 15 → very hard; N_2 10.46 dB → hard. Image 1: N_1 20 dB < 25 → hard; N_2 missing.
+    _, very_hard = difficulty_adaptive_perceptual_loss(PowerFeatures(), restored, target, degraded, negatives, mask,
+                                                       torch.tensor([[15.0], [25.0]]), return_very_hard=True)
+    assert very_hard.tolist() == [[True, False], [False, False]]
+    batch = dict(target=target, degraded=degraded, negatives=negatives, negative_mask=mask)
+    _, parts = PerceiveIRLoss(PowerFeatures(), use_clip=False, use_cl=False)(restored, batch,
+                                                                            avg_psnr=torch.tensor([[15.0], [25.0]]))
+    assert parts["non_easy_count"].tolist() == [2, 1] and parts["very_hard_count"].tolist() == [1, 0]
 
 
 def test_a_term_switched_on_without_its_network_is_a_clear_error():
