@@ -11,8 +11,9 @@ What is in here:
   `--clip-weights` file, or a tiny random stand-in) and its differentiable 224×224 input.
 - `PromptLearner` (Table XII initialisations) and `encode_prompts`: prompts through CLIP's text
   tower, cut right after the end token.
-- `prompt_logits`, `prompt_loss` (Eq. 1), `quality_views`, `build_embedding_bank`, `sample_bank`,
-  `prompt_step`: features of the crops L_clip judges are cached once, so a step costs only the text tower.
+- `prompt_logits`, `prompt_loss` (Eq. 1), `quality_views`, `build_embedding_bank`, `embedding_dataset`,
+  `sample_bank`, `prompt_step`: features of the crops L_clip judges are cached once, so a step costs
+  only the text tower.
 - `QualityPerceiver` and `save_prompts` / `load_prompts`: the trained prompts as P(level | image).
 - Medium-quality images by 2-fold cross-validation: `two_fold_split`, `cross_validation_rounds`,
   `held_out_split` (10% of the triplets kept out of prompt training),
@@ -33,6 +34,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import open_clip
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
@@ -271,6 +273,20 @@ def build_embedding_bank(clip_model, dataset, views=None, batch_size=64, num_lev
     features = torch.cat(features)                                                  # (N·K, D)
     labels = torch.arange(num_levels).repeat(len(features) // num_levels)           # (N·K,)
     return features, labels
+
+
+def embedding_dataset(clip_model, triplets, views, num_levels=3, num_workers=0):
+    """The cache of Eq. (1) as a dataset: one item {"features": (K, D), "labels": (K,)} per view of each
+    triplet. Under torch.distributed each rank encodes every world-th triplet once, and the shares are
+    gathered on every rank."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    share = torch.utils.data.Subset(triplets, range(rank, len(triplets), world))
+    features, _ = build_embedding_bank(clip_model, share, views, num_levels=num_levels, num_workers=num_workers)
+    shares = [features.view(-1, num_levels, features.shape[-1])] * world      # (views of this rank, K, D)
+    if distributed:
+        dist.all_gather_object(shares, shares[0])
+    return [{"features": f, "labels": torch.arange(num_levels)} for f in torch.cat(shares)]   # a list is a dataset
 
 
 def sample_bank(features, labels, num_levels, batch_triplets=32, generator=None):

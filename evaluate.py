@@ -91,8 +91,8 @@ def psnr(restored, target, data_range):
     return 10 * torch.log10(data_range ** 2 / mse)
 
 
-def ssim(restored, target, window, data_range, sample_covariance, replicate_border=False):
-    """Mean SSIM per image (Wang et al. 2004), (B, C, H, W) → (B,), averaged over channels.
+def ssim(restored, target, window, data_range, sample_covariance, replicate_border=False, full_map=False):
+    """Mean SSIM per image (Wang et al. 2004), (B, C, H, W) → (B,), averaged over channels (or the map).
 
     Local statistics use the separable `window`, only where it lies wholly inside the image (this
     is skimage's `crop(S, (win_size − 1) // 2)` and BasicSR's [5:-5, 5:-5]), unless
@@ -116,7 +116,7 @@ def ssim(restored, target, window, data_range, sample_covariance, replicate_bord
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2                 # K1 = 0.01, K2 = 0.03
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)
                 / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)))    # (B, C, H−k+1, W−k+1)
-    return ssim_map.flatten(1).mean(1)
+    return ssim_map if full_map else ssim_map.flatten(1).mean(1)
 
 
 def check_pair(restored, target, convention):
@@ -442,7 +442,7 @@ class Restorer:
 
     def __init__(self, model, sgm, config, tile=None, overlap=32, prior_size=1024, centroids=None):
         self.model, self.sgm, self.config, self.centroids = model.eval(), sgm, config, centroids
-        self.tile, self.overlap, self.prior_size = tile or None, overlap, prior_size
+        self.tile, self.overlap, self.prior_size, self.images = tile or None, overlap, prior_size, 0
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dino_weights=None, **options):
@@ -467,6 +467,7 @@ class Restorer:
         return f"tiled {self.tile}, overlap {self.overlap}" if self.tile else "whole images"
 
     def __call__(self, degraded):
+        self.images += len(degraded)                         # images restored by this process
         return restore_image(self.model, self.sgm, degraded, self.tile, self.overlap, self.prior_size)
 
 
@@ -545,7 +546,7 @@ def prediction_pairs(folder, test_set, problems):
         target_image, prediction = test_set[index]["target"], data.read_image(matched[index])
         if prediction.shape != target_image.shape:
             (h, w), (th, tw) = prediction.shape[-2:], target_image.shape[-2:]
-            problems.append(f"size mismatch: {matched[index]} is {w}x{h}, its target {th}x{tw} "
+            problems.append(f"size mismatch: {matched[index]} is {w}x{h}, its target {tw}x{th} "
                             "(outputs of PromptIR's protocol need --crop-multiple 16)")
             continue
         yield matched[index].name, prediction[None], target_image[None]
@@ -690,6 +691,8 @@ def get_args(argv=None):
         args.task_names = data.parse_tasks(args.tasks)
     except ValueError as error:
         raise SystemExit(f"evaluate.py: {error}") from None
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"evaluate.py: --device {args.device}: no CUDA device here; use --device cpu")
     if args.target and len(args.task_names) != 1:
         raise SystemExit(f"evaluate.py: --target scores one set: name its task with --tasks (got {args.tasks})")
     return args
@@ -744,6 +747,9 @@ def main(args):
                   for c in args.conventions}
         for test_set in test_sets:
             score_into(tables, test_set, restored_pairs(restorer, test_set, run, args.save_images), run, lpips)
+        if run.distributed:                                    # each rank restored its share only
+            print(f"rank {run.rank}: restored {restorer.images} of {sum(len(s) for s in test_sets)} test images",
+                  flush=True)
         write_tables(tables, args, args.task_names, run)
         run.print0(f"checkpoint {args.checkpoint}; {restorer.protocol}")
         return 0

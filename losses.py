@@ -15,7 +15,8 @@ What is in here:
 - `clip_aware_loss` (L_clip, Eq. 9) on the probabilities of a quality perceiver.
 - `build_vgg` / `VGGFeatures` / `load_vgg16_features`: frozen VGG-16 taps V_i for Eq. (11) (or a tiny
   random stand-in); evaluate.py's LPIPS loads its VGG-16 the same way.
-- `batch_psnr`, `negative_weights` (O_k, Eq. 10), `difficulty_adaptive_perceptual_loss` (Eq. 11).
+- `batch_psnr`, `average_psnr` and `negative_weights` (avgPSNR and O_k, Eq. 10), and
+  `difficulty_adaptive_perceptual_loss` (Eq. 11).
 - `PerceiveIRLoss`: L_total of Eq. (13), one switch per term; `TABLE_XI` names the ablation rows.
 """
 
@@ -241,6 +242,36 @@ def negative_weights(avg_psnr, negative_psnr, gamma=0.25):
         # below that of any restoration a proxy model made. train.py passes None until it has one.
         return torch.full_like(negative_psnr, 1 - gamma)
     return torch.where(negative_psnr <= avg_psnr, 1 + gamma, 1 - gamma)     # avgPSNR ≥ PSNR(N_q): hard
+
+
+@torch.no_grad()
+def average_psnr(restore, probe, device):
+    """avgPSNR(I_r, Θ_{k−1}) of Eq. (10) per stratum of a probe {stratum: (I_d, I_g)} (a task, or denoising
+    at one σ) and each task's mean over its strata; `restore(I_d)` is the network. Under an initialised
+    process group each rank restores every world-th patch and the sums are added over the ranks.
+
+    # UNSPECIFIED: the paper measures "the average PSNR" of the network at each epoch start without
+    # saying on what. One number over all tasks would decide hard / very hard by the task alone (task
+    # PSNRs differ by 10-15 dB): so we measure each task (and σ) on the same number of fixed
+    # training patches (train.py: --probe-size per stratum, never test images) and compare each
+    # negative with the value of its own stratum.
+    """
+    rank, world = (dist.get_rank(), world_size()) if world_size() > 1 else (0, 1)
+    totals = torch.zeros(len(probe), 2, device=device)                             # (strata, [Σ PSNR, count])
+    for row, (degraded, target) in enumerate(probe.values()):
+        for d, t in zip(degraded[rank::world].split(8), target[rank::world].split(8)):
+            psnr = batch_psnr(restore(d.to(device)), t.to(device))
+            totals[row] += torch.stack([psnr.sum(), torch.tensor(float(len(t)), device=device)])
+    if world > 1:
+        dist.all_reduce(totals)
+    measured, result = {name: total / count for name, (total, count) in zip(probe, totals.tolist())}, {}
+    for name, value in measured.items():             # "denoise", the mean over σ, before "denoise_sigma15"
+        task = name.split("_sigma")[0]
+        if task != name and task not in result:
+            by_sigma = [v for n, v in measured.items() if n.startswith(f"{task}_sigma")]
+            result[task] = sum(by_sigma) / len(by_sigma)
+        result[name] = value
+    return result
 
 
 def feature_distance(a, b):

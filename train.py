@@ -5,12 +5,9 @@
 
 What is in here:
 - `get_args()`: every knob next to its default and the paper source of that default; `--preset`.
-- Stage 1a, `--stage medium` (Sec. III-B): a restorer per half of the data (2-fold cross-validation)
-  restores the other half; those restorations are the medium-quality images I_m.
-- Stage 1b, `--stage prompt` (Eq. 1): the CLIP prompts, trained on cached features of the crops that
-  L_clip later judges, with 10% of the triplets held out to measure the quality perceiver.
-- Stage 2, `--stage restore` (Eq. 13): Perceive-IR with L_rec + λ1 L_cl + λ2 L_clip + λ3 L_dpl, avgPSNR
-  per task at each epoch start (Eq. 10), and per-task centroids of Z at the end (for evaluate.py).
+- Stage 1a, `--stage medium` (Sec. III-B): a restorer per half of the data restores the other half (I_m).
+- Stage 1b, `--stage prompt` (Eq. 1): the CLIP prompts, on cached features of the crops L_clip judges.
+- Stage 2, `--stage restore` (Eq. 13): L_rec + λ1 L_cl + λ2 L_clip + λ3 L_dpl, avgPSNR per task (Eq. 10).
 - `fit()`: the loop every stage shares: DDP (NCCL on CUDA, gloo on CPU), AdamW, warmup + cosine,
   bf16, atomic checkpoints with exact resume, SIGINT/SIGTERM, a non-finite guard, logs.
 """
@@ -37,17 +34,16 @@ import clip_prompts
 import data
 import losses
 from backbone import build_backbone, count_parameters, size_multiple
-from guidance import PerceiveIR, build_sgm, degradation_centroids, restore_image
+from guidance import PerceiveIR, build_sgm, degradation_centroids, perceive, restore_image
 
 SEMANTIC_DIM = {"base": 768, "tiny": 64}          # width of DINOv2 ViT-B/14 and of the tiny stand-in
 CENTROID_IMAGES = 256                             # training images per task behind each centroid of Z
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PRESETS = {
     "paper": {},
-    # Offline demo: generated data, tiny networks with random weights (CLIP, DINOv2, VGG), ~3 minutes.
-    # Its tasks have equally many images, so they are not resampled (with the paper's ratios 97% of
-    # the steps would be low light and rain). Its CLIP and VGG are random, so L_clip and L_dpl carry
-    # no quality signal: the demo weighs them 10× less than the paper (they still run and cost).
+    # Offline demo: generated data, tiny networks with random weights (CLIP, DINOv2, VGG). Its tasks
+    # have equally many images: no resampling (the paper's ratios would make 97% of it low light and
+    # rain). Random CLIP and VGG carry no quality signal: L_clip and L_dpl weigh 10× less (and still run).
     "demo": dict(out="runs/demo", tasks="N+H+R+B+L", patch_size=64, backbone_config="tiny", dino="tiny",
                  resample="denoise=1,dehaze=1,derain=1,deblur=1,lowlight=1", lambda_clip=0.005, lambda_dpl=0.01,
                  clip_model="tiny", vgg="tiny", workers=0, medium_iters=150, prompt_iters=400,
@@ -60,49 +56,41 @@ class StopTraining(Exception):
     """A signal or --stop-after ended the run after writing a checkpoint."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------
+# --- Configuration -------------------------------------------------------------------------------------------------
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      usage="python train.py (--preset demo | --data-root ROOT) [options]")
     add = parser.add_argument
     # --- what to run ---
-    add("--stage", choices=["all", "medium", "prompt", "restore"], default="all",
-        help="medium → prompt → restore (Sec. III-B, III-C); 'all' runs them in turn")
-    add("--preset", choices=sorted(PRESETS), default="paper",
-        help="'paper': Sec. IV-A.4 settings; 'demo': offline tiny run on generated data")
+    add("--stage", choices=["all", "medium", "prompt", "restore"], default="all", help="Sec. III-B, III-C")
+    add("--preset", choices=sorted(PRESETS), default="paper", help="'paper': Sec. IV-A.4; 'demo': offline, tiny")
     add("--out", default="runs/perceive-ir", help="output folder; each stage writes a subfolder")
     add("--resume", default=None, help="'auto' (each stage's last.pt) or a checkpoint of the stage to run")
-    add("--seed", type=int, default=0)
+    add("--seed", type=int, default=0, help="initial weights, data order, augmentation")
     # --- data (Sec. IV-A.1, Table I) ---
     add("--data-root", default=None, help="dataset root: PromptIR's, the authors' or the generic layout")
     add("--tasks", default="N+H+R", help="N+H+R or N+H+R+B+L (Sec. IV-A.1), any subset (Table XIII)")
     add("--patch-size", type=int, default=128, help="training crop (Sec. IV-A.4: 128)")
     add("--sigmas", type=float, nargs="+", default=[15, 25, 50], help="training noise σ (Sec. IV-A.1)")
-    add("--resample", default=None, help="task=ratio,...; default denoise=3,derain=120,deblur=5,"
-        "lowlight=200,dehaze=1 (Sec. IV-A.4)")
+    add("--resample", default=None, help="task=ratio,... (Sec. IV-A.4: denoise=3,derain=120,deblur=5,lowlight=200)")
     add("--workers", type=int, default=4, help="data-loader workers per process")
     # --- stage 1a: medium-quality images I_m (Sec. III-B) ---
     add("--medium-dir", default=None, help="medium-quality images I_m (default OUT/medium/images)")
-    add("--medium-backbone", choices=["restormer", "nafnet"], default="restormer",
-        help="stage-1a restorer (Sec. III-B: Restormer); 'nafnet' into another --medium-dir makes a second "
-        "set of proxy negatives for --negatives (README)")
+    add("--medium-backbone", choices=["restormer", "nafnet"], default="restormer", help="stage-1a restorer "
+        "(Sec. III-B: Restormer); 'nafnet' into another --medium-dir makes more proxy negatives (README)")
     add("--medium-iters", type=int, default=100_000, help="steps per fold (Sec. IV-A.4: 100K)")
     add("--medium-lr", type=float, default=2e-4, help="Sec. IV-A.4: 2e-4")
     # --- stage 1b: prompts (Sec. III-B, Eq. 1, Table XII) ---
     add("--clip-model", choices=sorted(clip_prompts.CLIP_CONFIGS), default="ViT-B-32", help="Sec. IV-A.4: ViT-B/32")
     add("--clip-weights", default=None, help="local CLIP state-dict file (else OpenAI's weights)")
-    add("--prompt-words", nargs="+", default=["excellent", "mediocre", "terrible"],
-        help="level words, best first (Table XII (i))")
+    add("--prompt-words", nargs="+", default=["excellent", "mediocre", "terrible"], help="best first (Table XII (i))")
     add("--prompt-tokens", type=int, default=16, help="N embedded tokens per prompt (Sec. IV-A.4: 16)")
     add("--prompt-init", choices=clip_prompts.INITS, default="partial", help="Table XII: partial random")
     add("--prompt-iters", type=int, default=100_000, help="Sec. IV-A.4: 100K")
     add("--prompt-lr", type=float, default=4e-5, help="Sec. IV-A.4: 4e-5")
     add("--prompt-batch-size", type=int, default=32, help="views per step, 3 images each (Sec. IV-A.4: 32)")
-    add("--prompt-view", choices=["crop", "whole"], default="crop",
-        help="what CLIP sees in stage 1: training crops, as L_clip judges them, or whole images (not given)")
+    add("--prompt-view", choices=["crop", "whole"], default="crop", help="stage-1 view of CLIP (not given; README)")
     add("--prompt-crops", type=int, default=4, help="cached crops per image with --prompt-view crop (not given)")
     add("--prompts", default=None, help="stage-1 prompt checkpoint (default OUT/prompt/prompts.pt)")
     # --- stage 2: the network (Sec. III-C, Tables X, XV) ---
@@ -123,8 +111,7 @@ def get_args(argv=None):
     add("--dpl-gamma", type=float, default=0.25, help="γ of Eq. (10) (Sec. III-D.2: 0.25)")
     add("--vgg", choices=["vgg16", "tiny"], default="vgg16", help="L_dpl features (Sec. III-D.2: VGG-16)")
     add("--vgg-weights", default=None, help="local VGG-16 state-dict file (else torchvision's)")
-    add("--medium-negative", action=argparse.BooleanOptionalAction, default=True,
-        help="I_m as a non-easy negative N_q of Eq. (11) (not given; the paper's N_q are proxy restorations)")
+    add("--medium-negative", action=argparse.BooleanOptionalAction, default=True, help="I_m as an N_q (not given)")
     add("--negatives", nargs="*", default=[], help="folders of proxy restorations, more N_q (Eq. 11)")
     add("--epoch-iters", type=int, default=0, help="steps per epoch of Eq. (10); 0 = one pass over the data")
     add("--probe-size", type=int, default=16, help="training patches per task and σ for avgPSNR (Eq. 10; not given)")
@@ -136,8 +123,7 @@ def get_args(argv=None):
     add("--lr", type=float, default=2e-4, help="peak LR (Sec. IV-A.4: 2e-4)")
     add("--min-lr", type=float, default=1e-6, help="LR at the end of the cosine (not given)")
     add("--warmup", type=int, default=4000, help="linear warmup steps, at most 10%% of a stage (not given)")
-    add("--beta1", type=float, default=0.9, help="AdamW β1 (Sec. IV-A.4: 0.9)")
-    add("--beta2", type=float, default=0.999, help="AdamW β2 (Sec. IV-A.4: 0.999)")
+    add("--betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW β1, β2 (Sec. IV-A.4: 0.9, 0.999)")
     add("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (not given; Restormer's)")
     add("--grad-clip", type=float, default=0.0, help="max gradient norm, 0 = off (not given)")
     # --- system ---
@@ -147,56 +133,39 @@ def get_args(argv=None):
     add("--save-every", type=int, default=2000, help="steps between writes of last.pt")
     add("--snapshot-every", type=int, default=50_000, help="steps between kept snapshots, 0 = none")
     add("--keep", type=int, default=3, help="snapshots to keep, 0 = all")
-    add("--stop-after", type=int, default=0, help="end this run after N steps with a checkpoint (job time "
-        "limits; continue with --resume auto)")
+    add("--stop-after", type=int, default=0, help="end this run after N steps with a checkpoint (job time limits)")
     known, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**PRESETS[known.preset])
+    parser.set_defaults(**PRESETS[known.preset])           # a preset sets defaults; the command line wins
     return check_args(parser.parse_args(argv))
 
 
 def check_args(args):
-    """Values argparse cannot check: a wrong one ends the run at once with one line, not a traceback
-    hours later (SystemExit prints its message and nothing else)."""
+    """Values argparse cannot check end the run at once, in one line: SystemExit prints its message alone."""
     try:
-        data.parse_tasks(args.tasks)
-        parse_resample(args.resample)
-        multiple = max(size_multiple(args.backbone, args.backbone_config),
-                       size_multiple(args.medium_backbone, args.backbone_config))
+        data.parse_tasks(args.tasks), parse_resample(args.resample)
+        multiple = max(size_multiple(b, args.backbone_config) for b in (args.backbone, args.medium_backbone))
     except ValueError as error:
         raise SystemExit(f"train.py: {error}") from None
     positive = ("batch_size", "prompt_batch_size", "iters", "medium_iters", "prompt_iters", "probe_size",
                 "prompt_crops", "log_every", "save_every", "lr", "medium_lr", "prompt_lr", "tau")
-    at_least_zero = ("workers", "keep", "snapshot_every", "epoch_iters", "stop_after", "warmup", "grad_clip",
-                     "lambda_cl", "lambda_clip", "lambda_dpl", "dpl_lambda", "min_lr", "weight_decay")
-    for name in positive + at_least_zero:
-        value, floor = getattr(args, name), 0 if name in at_least_zero else None
-        if (value < 0) if floor == 0 else (value <= 0):
-            raise SystemExit(f"train.py: --{name.replace('_', '-')} {value}: must be {'≥ 0' if floor == 0 else '> 0'}")
-    if args.patch_size < multiple or args.patch_size % multiple:
-        raise SystemExit(f"train.py: --patch-size {args.patch_size}: the networks downsample by {multiple}; "
-                         f"use a multiple of {multiple} (Sec. IV-A.4: 128)")
-    if not 0 <= args.dpl_gamma < 1:
-        raise SystemExit(f"train.py: --dpl-gamma {args.dpl_gamma}: Eq. (10) needs 0 ≤ γ < 1 (paper: 0.25)")
+    problems = [f"--{n.replace('_', '-')} {getattr(args, n)}: must be {'> 0' if n in positive else '≥ 0'}"
+                for n in positive + ("workers", "keep", "snapshot_every", "epoch_iters", "stop_after", "warmup",
+                                     "grad_clip", "lambda_cl", "lambda_clip", "lambda_dpl", "dpl_lambda")
+                if getattr(args, n) < 0 or (n in positive and getattr(args, n) == 0)]
+    if args.patch_size < multiple or args.patch_size % multiple:      # Restormer: 8, NAFNet: 16
+        problems.append(f"--patch-size {args.patch_size}: the networks downsample by {multiple}; use a multiple")
+    if not 0 <= args.dpl_gamma < 1:                       # 1 − γ must stay a positive weight
+        problems.append(f"--dpl-gamma {args.dpl_gamma}: Eq. (10) needs 0 ≤ γ < 1 (paper: 0.25)")
+    if problems:
+        raise SystemExit(f"train.py: {problems[0]}")
+    args.medium_dir = args.medium_dir or str(Path(args.out) / "medium" / "images")     # where stages chain:
+    args.prompts = args.prompts or str(Path(args.out) / "prompt" / "prompts.pt")      # I_m, then the prompts
     return args
 
 
-def stage_dir(args, stage):
-    return Path(args.out) / stage
-
-
-def medium_dir(args):
-    return Path(args.medium_dir) if args.medium_dir else stage_dir(args, "medium") / "images"
-
-
-def prompts_path(args):
-    return Path(args.prompts) if args.prompts else stage_dir(args, "prompt") / "prompts.pt"
-
-
 def parse_resample(spec):
-    if spec is None:
-        return None
     try:
-        return {task: float(ratio) for task, ratio in (item.split("=") for item in spec.split(","))}
+        return None if spec is None else {t: float(r) for t, r in (item.split("=") for item in spec.split(","))}
     except ValueError:
         raise ValueError(f"--resample {spec!r}: expected task=ratio pairs, e.g. denoise=3,derain=120") from None
 
@@ -208,61 +177,50 @@ def build_model(config):
                       use_pgm=not config["no_pgm"], use_cfe=not config["no_cfe"])
 
 
-# ---------------------------------------------------------------------------------------------
-# One DDP code path: python train.py, torchrun on one node or many
-# ---------------------------------------------------------------------------------------------
+# --- One DDP code path: python train.py, torchrun on one node or many ----------------------------------------------
 
 class Run:
     """Rank, world size and device from torchrun's environment (absent under plain python)."""
 
     def __init__(self, device=None):
-        self.distributed = "RANK" in os.environ
-        cuda = torch.cuda.is_available() and device != "cpu"
+        self.distributed = "RANK" in os.environ             # set by torchrun (and by srun-style launches)
+        cuda = torch.cuda.is_available() and device != "cpu"                            # a GPU unless --device cpu
         if self.distributed:
             dist.init_process_group("nccl" if cuda else "gloo")
-        self.rank = dist.get_rank() if self.distributed else 0
-        self.world = dist.get_world_size() if self.distributed else 1
-        self.master = self.rank == 0
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
+        self.master = self.rank == 0                       # rank 0 writes files and prints; the others wait
+        self.print0 = partial(print, flush=True) if self.master else (lambda *message: None)
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
-    def print0(self, *message):
-        if self.master:
-            print(*message, flush=True)
-
     def barrier(self):
-        if self.distributed:
-            dist.barrier()
+        return dist.barrier() if self.distributed else None
 
-    def all_sum(self, tensor):
-        if self.distributed:
-            dist.all_reduce(tensor)
-        return tensor
+    def all_sum(self, tensor):                         # in place on every rank; the identity in one process
+        return (dist.all_reduce(tensor) or tensor) if self.distributed else tensor
 
 
 def git_commit():
     """The commit of this code, "-dirty" when tracked files were changed; stored in every checkpoint."""
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=Path(__file__).parent,
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.check_output(["git", "describe", "--always", "--dirty", "--abbrev=40"], text=True,
+                                       cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: one plain dict, loadable with weights_only=True, written atomically
-# ---------------------------------------------------------------------------------------------
+# --- Checkpoints: one plain dict, loadable with weights_only=True, written atomically ------------------------------
 
 def rng_state():
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    kind, keys, position, has_gauss, gauss = np.random.get_state()     # numpy's state as tensors and numbers
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)}
 
 
 def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"])                                  # torch, numpy and Python generators, then CUDA
     kind, keys, position, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
@@ -272,16 +230,14 @@ def set_rng_state(state):
 
 def save_checkpoint(path, checkpoint):
     """Temporary file, then rename: a crash mid-write never leaves a half-written checkpoint."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)                    # the folder may be new (a fold, a snapshot)
     torch.save(checkpoint, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
 
 def load_checkpoint(path, flag="--resume"):
-    if not Path(path).is_file():
-        raise SystemExit(f"{flag} {path}: file not found")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)   # tensors and primitives only
     except Exception as error:
         raise SystemExit(f"{flag} {path}: not a readable checkpoint ({type(error).__name__}: {str(error)[:200]})")
     if not isinstance(checkpoint, dict) or not {"stage", "args", "model", "step"} <= set(checkpoint):
@@ -289,35 +245,30 @@ def load_checkpoint(path, flag="--resume"):
     return checkpoint
 
 
-def resume_checkpoint(args, name, out_dir, given):
-    """The checkpoint this stage continues from, or None. `given` is the --resume PATH file, which
-    main() read once; with --resume auto, this stage's own last.pt is read here, once."""
-    if given is not None and given["stage"] == name:
-        return given
-    last = out_dir / "last.pt"
-    if not last.is_file():
-        return None
-    if args.resume != "auto":                          # never overwrite someone's run by accident
-        raise SystemExit(f"{last} exists: continue it with --resume auto, or choose another --out")
-    return load_checkpoint(last)
-
-
-def restore_training_state(checkpoint, model, optimizer, state, run):
-    """Weights, optimiser, step, epoch, avgPSNR and every rank's RNG: the run continues bit for bit."""
+def restore_progress(args, run, name, out_dir, given, model, optimizer, state):
+    """Continue where this stage stopped, bit for bit: weights, optimiser, step, epoch, avgPSNR, every rank's RNG.
+    `given` is the --resume PATH file main() read once; --resume auto reads last.pt here, once. True if resumed."""
+    checkpoint = given if given is not None and given["stage"] == name else None
+    if checkpoint is None and (out_dir / "last.pt").is_file():
+        if args.resume != "auto":                      # never overwrite someone's run by accident
+            raise SystemExit(f"{out_dir / 'last.pt'} exists: continue it with --resume auto, or choose another --out")
+        checkpoint = load_checkpoint(out_dir / "last.pt")
+    if checkpoint is None:
+        return False
     if checkpoint["stage"] == "restore" and not isinstance(checkpoint.get("avg_psnr"), (dict, type(None))):
         # A single avgPSNR cannot say which of Eq. (10)'s weights each task's negatives had.
-        raise SystemExit("restore: this checkpoint holds one avgPSNR for all tasks (written by an older "
-                         "version); Eq. (10) now compares each negative with its own task's avgPSNR, so it "
-                         "cannot resume exactly. Start a new --out (evaluate.py still reads the checkpoint)")
+        raise SystemExit("restore: this checkpoint (an older version's) holds one avgPSNR for all tasks; Eq. (10) "
+                         "now needs each task's, so it cannot resume exactly: start a new --out (evaluate.py reads it)")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     state.update({key: checkpoint[key] for key in ("step", "epoch", "avg_psnr", "centroids") if key in checkpoint})
     set_rng_state(checkpoint["rng"][run.rank % len(checkpoint["rng"])])
+    return True
 
 
 def write_checkpoint(args, run, name, out_dir, model, optimizer, state, snapshot=False):
     """Every rank's RNG state is gathered; rank 0 writes last.pt (and a kept snapshot), then all wait."""
-    states = [rng_state()] * run.world
+    states = [rng_state()] * run.world                               # this rank's state fills every slot in one process
     if run.distributed:
         dist.all_gather_object(states, rng_state())
     checkpoint = {"stage": name, "args": vars(args), "git_commit": git_commit(), **state,
@@ -331,9 +282,7 @@ def write_checkpoint(args, run, name, out_dir, model, optimizer, state, snapshot
     run.barrier()
 
 
-# ---------------------------------------------------------------------------------------------
-# Pieces of the training loop
-# ---------------------------------------------------------------------------------------------
+# --- Pieces of the training loop -----------------------------------------------------------------------------------
 
 def get_lr(step, peak_lr, iters, warmup, min_lr):
     """Linear warmup over `warmup` steps, then a cosine from peak_lr down to min_lr at `iters`.
@@ -341,32 +290,27 @@ def get_lr(step, peak_lr, iters, warmup, min_lr):
     # UNSPECIFIED: Sec. IV-A.4 gives the peak (2e-4) but no schedule; we use warmup + cosine, the
     # schedule of PromptIR, the Restormer-based All-in-One method this paper compares with most.
     """
-    if step < warmup:
+    if step < warmup:                                                                   # linear warmup
         return peak_lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, iters - warmup))
+    progress = min(1.0, (step - warmup) / max(1, iters - warmup))                       # 0 → 1 over the cosine
     return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-STOP = {"signal": None}
-
-
-def request_stop(signum, frame):
-    STOP["signal"] = signal.Signals(signum).name
+STOP = {"signal": None}                               # set by SIGINT/SIGTERM, acted on after the current step
 
 
 def stop_requested(run, step, stop_at):
     """A signal reached this process or another rank; ranks agree every 10 steps (one small all-reduce)."""
-    stop = STOP["signal"] is not None
+    stop = STOP["signal"] is not None                                         # set by this process's own signal handler
     if run.distributed:                                # every rank takes the same branch at the same step
         stop = (step % 10 == 0 or step == stop_at) and run.all_sum(torch.tensor(float(stop), device=run.device)) > 0
     return bool(stop)
 
 
 def ignore_stop_signals(_worker_id):
-    """Loader workers leave SIGINT/SIGTERM to the main process, which checkpoints and shuts them down:
-    a cluster scheduler signals the whole process group, and a worker killed mid-batch would crash it.
-    (Forked workers inherit the main process's handler anyway; spawned or forkserver ones, the default
-    of newer Pythons, start with the default action: death.)"""
+    """Loader workers leave SIGINT/SIGTERM to the main process, which checkpoints and stops them: a scheduler
+    signals the whole process group, and a worker killed mid-batch would crash the run."""
+    # (Forked workers inherit the main handler; spawned or forkserver ones would die: the default action.)
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -374,43 +318,32 @@ def ignore_stop_signals(_worker_id):
 
 def batches(args, run, dataset, sampler, per_rank, data_epoch, skip):
     """The batches of one pass over the data from batch `skip` on; the order is a function of (seed, epoch)."""
-    sampler.set_epoch(data_epoch)
+    sampler.set_epoch(data_epoch)                                     # the shuffle of this pass, the same on every rank
     if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(data_epoch)
+        dataset.set_epoch(data_epoch)                  # augmentation depends on (seed, epoch, index)
     indices = list(sampler)[skip * per_rank:]             # resuming mid-pass: skip what was seen
-    # Its own generator: a loader draws a seed when it starts, and the global RNG must not depend on
-    # where a run was resumed (the next fold's initial weights come from it).
+    # Its own generator: the global RNG must not depend on where a run was resumed (the next fold's
+    # initial weights come from it), and a loader draws a seed from its generator when it starts.
     loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=indices, drop_last=True,
                                          num_workers=args.workers, pin_memory=run.device.type == "cuda",
                                          worker_init_fn=ignore_stop_signals if args.workers else None,
                                          generator=torch.Generator().manual_seed(args.seed + data_epoch))
-    # Signals stay blocked while the workers start (a child inherits the mask), so none reaches a
-    # worker before it ignores them; one that arrives meanwhile waits for the main process.
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        return iter(loader)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)    # blocked while workers start (children inherit
+    try:                                                    # the mask): none reaches one before it ignores
+        return iter(loader)                                 # them, and the main process gets it afterwards
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-def to_device(batch, device):
-    """Tensors of a batch (a dict, or a list of tensors) to the device; other values unchanged."""
-    items = batch.items() if isinstance(batch, dict) else enumerate(batch)
-    moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in items}
-    return moved if isinstance(batch, dict) else list(moved.values())
-
-
 def record_losses(guard, step, parts):
-    """The non-finite guard, on the device: the first step whose loss was not finite, and its terms.
-    Nothing here waits for the host, so the step keeps the GPU busy."""
+    """The non-finite guard, on the device (no host sync): the first step whose loss was not finite, its terms."""
     bad_now = (guard["first_bad"] < 0) & ~torch.isfinite(parts["total"])
     guard["first_bad"] = torch.where(bad_now, step, guard["first_bad"])
     guard["parts"] = {k: torch.where(bad_now, v, guard["parts"].get(k, v)) for k, v in parts.items() if v.dim() == 0}
 
 
 def check_finite(guard, run, name, out_dir):
-    """At log and save intervals only (one host sync): stop at the first non-finite loss before any
-    checkpoint can hold weights that saw it, naming the step and the loss terms."""
+    """At log and save intervals (one host sync): stop before any checkpoint holds weights that saw a NaN."""
     if run.all_sum((guard["first_bad"] >= 0).float()).item() > 0:
         terms = ", ".join(f"{k} {v.item():.4g}" for k, v in guard["parts"].items())
         where = f"step {int(guard['first_bad'].item()) + 1}" if guard["first_bad"].item() >= 0 else "another rank"
@@ -419,23 +352,17 @@ def check_finite(guard, run, name, out_dir):
                          "data, then --resume auto")
 
 
-def summarise(sums, steps, run):
-    """The logged values of an interval: loss terms averaged over its steps and over every rank (not
-    rank 0's share alone), and the share of non-easy negatives weighted 1 − γ, overall and per task."""
-    names = list(sums)
-    totals = run.all_sum(torch.cat([sums[k].reshape(-1) for k in names])).split([sums[k].numel() for k in names])
-    values = dict(zip(names, totals))
+def log_progress(run, name, out_dir, sums, state, steps, iters, lr, images_per_s, eta_hours):
+    """One console line (rank 0) and one line of log.jsonl: the loss terms averaged over the interval's
+    `steps` and over every rank (not rank 0's share alone), avgPSNR per task (Eq. 10), and the share of
+    non-easy negatives weighted 1 − γ, overall and per task."""
+    totals = run.all_sum(torch.cat([v.reshape(-1) for v in sums.values()])).split([v.numel() for v in sums.values()])
+    values = dict(zip(sums, totals))                  # one all-reduce for every term
     logged = {k: (v / (steps * run.world)).item() for k, v in values.items() if sums[k].dim() == 0}
     if "non_easy_count" in values:                    # per-task counts (len(TASKS),), summed, not averaged
         count, very_hard = values["non_easy_count"], values["very_hard_count"]
-        logged["very_hard_fraction"] = {"all": (very_hard.sum() / count.sum().clamp_min(1)).item(),
-                                        **{t: (very_hard[i] / count[i]).item()
-                                           for i, t in enumerate(data.TASKS) if count[i] > 0}}
-    return logged
-
-
-def log_progress(run, name, out_dir, logged, state, iters, lr, images_per_s, eta_hours):
-    """One console line (rank 0) and one line of log.jsonl, with avgPSNR per task (Eq. 10)."""
+        per_task = {t: (very_hard[i] / count[i]).item() for i, t in enumerate(data.TASKS) if count[i] > 0}
+        logged["very_hard_fraction"] = {"all": (very_hard.sum() / count.sum().clamp_min(1)).item(), **per_task}
     shown = " ".join(f"{k} {v:.4f}" for k, v in logged.items() if isinstance(v, float))
     if "very_hard_fraction" in logged:                # Eq. (10)'s split, visible as training goes
         shown += f" very_hard {logged['very_hard_fraction']['all']:.2f}"
@@ -448,85 +375,80 @@ def log_progress(run, name, out_dir, logged, state, iters, lr, images_per_s, eta
                                   "avg_psnr": state["avg_psnr"]}) + "\n")
 
 
-# ---------------------------------------------------------------------------------------------
-# The shared training loop
-# ---------------------------------------------------------------------------------------------
+# --- The shared training loop --------------------------------------------------------------------------------------
 
-def fit(args, run, name, model, step_fn, dataset, iters, lr, batch_size, out_dir, resume=None,
+def fit(args, run, name, model, step_fn, dataset, iters, lr, batch_size, out_dir, given=None,
         epoch_fn=None, final_fn=None):
-    """Train `model` for `iters` steps of `step_fn(net, batch, state) -> (total, parts)` and return it.
-
-    `state` holds step, epoch and avg_psnr. `epoch_fn(model)` runs as each epoch starts and its value
-    becomes state["avg_psnr"] (Eq. 10); `final_fn(model)` runs once after the last step and its dict
-    joins the final checkpoint (the restore stage's centroids of Z). Resume is exact: the data order
-    is a function of (seed, epoch), augmentation of (seed, epoch, index), and the weights, optimiser,
-    avgPSNR and RNG states come back from the checkpoint.
-    """
-    out_dir, per_rank = Path(out_dir), batch_size // run.world
+    """Train `model` for `iters` steps of `step_fn(net, batch, state) -> (total, parts)`; return (model, state).
+    `epoch_fn(model)` runs as each epoch starts: state["avg_psnr"] (Eq. 10). `final_fn(model)` runs after the
+    last step and its dict joins the final checkpoint (the centroids of Z). Resume is exact: data order and
+    augmentation are functions of (seed, epoch, index); weights, optimiser, avgPSNR and RNG are restored."""
+    out_dir, per_rank = Path(out_dir), batch_size // run.world                # the global batch is split over the ranks
     model.to(run.device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
-    state = {"step": 0, "epoch": 0, "avg_psnr": None}
-    checkpoint = resume_checkpoint(args, name, out_dir, resume)
-    if checkpoint is not None:
-        restore_training_state(checkpoint, model, optimizer, state, run)
+    trainable = [p for p in model.parameters() if p.requires_grad]                      # the prompts alone in stage 1b
+    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
+    state = {"step": 0, "epoch": 0, "avg_psnr": None}                                   # saved with every checkpoint
+    if restore_progress(args, run, name, out_dir, given, model, optimizer, state):
         run.print0(f"{name}: resumed at step {state['step']}")
     if state["step"] >= iters:
         run.print0(f"{name}: already trained for {iters} steps ({out_dir / 'last.pt'})")
-        return model
-    net = torch.compile(model) if args.compile else model
-    if run.distributed:                                   # only the trainable network is wrapped
-        # The depthwise convolutions' weight gradients come back with strides that differ from the
-        # parameters' in a size-1 dimension; DDP then copies those few KB and warns once per run.
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        net = DDP(net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+        return model, state
+    net = torch.compile(model) if args.compile else model                       # only the trainable network is compiled
+    if run.distributed:                                   # only the trainable network is wrapped; the
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")  # depthwise
+        net = DDP(net, device_ids=[run.device.index] if run.device.type == "cuda" else None)  # grads: a KB copy
     sampler = torch.utils.data.distributed.DistributedSampler(
         dataset, num_replicas=run.world, rank=run.rank, shuffle=True, seed=args.seed, drop_last=True)
-    steps_per_pass = len(sampler) // per_rank
+    steps_per_pass = len(sampler) // per_rank                               # drop_last: every rank takes the same steps
     if steps_per_pass == 0:
         raise SystemExit(f"{name}: {len(dataset)} training samples are fewer than one global batch of {batch_size}")
-    epoch_iters = args.epoch_iters or steps_per_pass
+    epoch_iters = args.epoch_iters or steps_per_pass                          # Eq. (10)'s epoch: one pass, unless given
     if run.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "args.json").write_text(json.dumps({**vars(args), "git_commit": git_commit()}, indent=1))
     run.print0(f"{name}: {count_parameters(model):,d} trainable parameters, {len(dataset)} samples, global batch "
                f"{batch_size} = {run.world} × {per_rank} per process, {iters} steps, epoch = {epoch_iters} steps")
-    handlers = {s: signal.signal(s, request_stop) for s in STOP_SIGNALS}
+    handlers = {s: signal.signal(s, lambda signum, _: STOP.update(signal=signal.Signals(signum).name))
+                for s in STOP_SIGNALS}
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
     stop_at = min(iters, state["step"] + args.stop_after) if args.stop_after else iters
-    step, iterator, sums = state["step"], None, {}
+    step, iterator, sums = state["step"], None, {}                                  # `iterator` is rebuilt at each pass
     guard, since = {"first_bad": torch.full((), -1, device=run.device), "parts": {}}, (time.time(), step)
     try:
         while step < stop_at:
             if step % epoch_iters == 0:                   # Eq. (10): Θ_{k−1} is measured as epoch k starts
                 state["epoch"] = step // epoch_iters
                 if epoch_fn is not None:
-                    state["avg_psnr"] = epoch_fn(model)
+                    state["avg_psnr"] = epoch_fn(model.eval())
+                    model.train()
                     shown = " ".join(f"{k} {v:.2f}" for k, v in state["avg_psnr"].items() if "_sigma" not in k)
                     run.print0(f"{name}: epoch {state['epoch']}: avgPSNR (dB) {shown}")
-            if iterator is None or step % steps_per_pass == 0:
+            if iterator is None or step % steps_per_pass == 0:                  # a new pass: reshuffled by (seed, pass)
                 iterator = batches(args, run, dataset, sampler, per_rank, step // steps_per_pass, step % steps_per_pass)
-            batch = to_device(next(iterator), run.device)
-            for group in optimizer.param_groups:
+            batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v    # keys (strings) stay
+                     for k, v in next(iterator).items()}
+            for group in optimizer.param_groups:                                # warmup + cosine, set before every step
                 group["lr"] = get_lr(step, lr, iters, min(args.warmup, iters // 10), args.min_lr)
             with autocast:
                 total, parts = step_fn(net, batch, state)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)                                  # set_to_none: no zero-filled buffers
             total.backward()
             if args.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
             optimizer.step()
             parts = {"total": total.detach(), **{k: v.float() for k, v in parts.items()}}
-            record_losses(guard, step, parts)
-            sums = {k: sums.get(k, 0) + v for k, v in parts.items()}
+            record_losses(guard, step, parts)             # on the device: no host sync in the step
+            sums = {k: sums.get(k, 0) + v for k, v in parts.items()}            # summed on the device, read at log time
             step = state["step"] = step + 1
             if step == iters and final_fn is not None:    # after the last step, before its checkpoint
-                state.update(final_fn(model))
+                state.update(final_fn(model.eval()))
+                model.train()
             if step % args.log_every == 0 or step == stop_at:
                 check_finite(guard, run, name, out_dir)
                 images_per_s = (step - since[1]) * batch_size / (time.time() - since[0])
-                log_progress(run, name, out_dir, summarise(sums, step - since[1], run), state, iters,
-                             optimizer.param_groups[0]["lr"], images_per_s, (iters - step) * batch_size / images_per_s / 3600)
+                eta_hours = (iters - step) * batch_size / images_per_s / 3600
+                log_progress(run, name, out_dir, sums, state, step - since[1], iters, optimizer.param_groups[0]["lr"],
+                             images_per_s, eta_hours)
                 sums, since = {}, (time.time(), step)
             if stop_requested(run, step, stop_at):
                 check_finite(guard, run, name, out_dir)
@@ -535,7 +457,7 @@ def fit(args, run, name, model, step_fn, dataset, iters, lr, batch_size, out_dir
                            f"checkpoint written to {out_dir / 'last.pt'}; continue with --resume auto")
                 raise StopTraining
             snapshot = bool(args.snapshot_every) and step % args.snapshot_every == 0
-            if snapshot or step % args.save_every == 0 or step == stop_at:
+            if snapshot or step % args.save_every == 0 or step == stop_at:  # last.pt, and a kept snapshot every N steps
                 check_finite(guard, run, name, out_dir)   # never write weights that saw a NaN
                 write_checkpoint(args, run, name, out_dir, model, optimizer, state, snapshot)
     finally:
@@ -544,12 +466,10 @@ def fit(args, run, name, model, step_fn, dataset, iters, lr, batch_size, out_dir
     if step < iters:
         run.print0(f"{name}: stopped after --stop-after {args.stop_after} steps; continue with --resume auto")
         raise StopTraining
-    return model
+    return model, state
 
 
-# ---------------------------------------------------------------------------------------------
-# Stage 1a: medium-quality images by 2-fold cross-validation (Sec. III-B)
-# ---------------------------------------------------------------------------------------------
+# --- Stage 1a: medium-quality images by 2-fold cross-validation (Sec. III-B) ---------------------------------------
 
 def l1_step(net, batch, state):
     """Stage 1a's step: the restorer learns with L_rec alone (tests/benchmark.py times it too)."""
@@ -559,118 +479,75 @@ def l1_step(net, batch, state):
 
 def run_medium(args, run, samples, resume):
     """Train a restorer on each half of the data; each restores the half it never saw (Sec. III-B)."""
-    images_dir = medium_dir(args)
+    images_dir = Path(args.medium_dir)                                                  # where I_m goes (Sec. III-B)
     if args.resume and (images_dir / "manifest.json").is_file():
         return run.print0(f"medium: {images_dir} is complete (manifest.json), skipping")
-    rounds, entries = clip_prompts.cross_validation_rounds(samples), []
-    for cv, other in zip(rounds, rounds[::-1]):
-        # The fold checkpoints live next to the images: a second --medium-dir gets its own folds.
-        fold_dir = images_dir.parent / f"fold_{cv['model']}"
-        model = build_backbone(args.medium_backbone, args.backbone_config)
+    rounds, entries = clip_prompts.cross_validation_rounds(samples), []              # 2 folds, each trained on one half
+    for cv, other in zip(rounds, rounds[::-1]):           # model a restores fold b, model b fold a
         dataset = data.TrainDataset(cv["train"], args.patch_size, resample=parse_resample(args.resample),
-                                    sigmas=args.sigmas, seed=args.seed)
-        model = fit(args, run, f"medium-{cv['model']}", model, l1_step, dataset, args.medium_iters,
-                    args.medium_lr, args.batch_size, fold_dir, resume).eval()
-        clip_prompts.render_medium_images(model, cv["restore"][run.rank::run.world], images_dir, args.sigmas,
-                                          run.device)                     # ranks share the rendering
+                                    sigmas=args.sigmas, seed=args.seed)     # fold checkpoints beside the images:
+        model, _ = fit(args, run, f"medium-{cv['model']}", build_backbone(args.medium_backbone, args.backbone_config),
+                       l1_step, dataset, args.medium_iters, args.medium_lr, args.batch_size,   # one set of folds
+                       images_dir.parent / f"fold_{cv['model']}", resume)                   # per --medium-dir
+        clip_prompts.render_medium_images(model.eval(), cv["restore"][run.rank::run.world], images_dir,
+                                          args.sigmas, run.device)              # the ranks share the rendering
         entries += [dict(task=s.task, key=s.key, fold=other["model"], restored_by=cv["model"]) for s in cv["restore"]]
         run.barrier()
-    if run.master:
-        clip_prompts.write_medium_manifest(images_dir, entries, dict(
-            restorer=args.medium_backbone, config=args.backbone_config, iters=args.medium_iters,
-            git_commit=git_commit()))
+    if run.master:                                        # the manifest says which model restored what
+        restorer = dict(restorer=args.medium_backbone, config=args.backbone_config, iters=args.medium_iters)
+        clip_prompts.write_medium_manifest(images_dir, entries, {**restorer, "git_commit": git_commit()})
     run.barrier()
     run.print0(f"medium: {len(entries)} medium-quality images I_m in {images_dir}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Stage 1b: prompt learning (Sec. III-B, Eq. 1)
-# ---------------------------------------------------------------------------------------------
+# --- Stage 1b: prompt learning (Sec. III-B, Eq. 1) -----------------------------------------------------------------
 
 def prompt_step(net, batch, state, logit_scale):
     """Eq. (1) on a batch of cached image features: a step costs only the (truncated) text tower."""
-    image_features, labels = batch                                            # (b, K, D), (b, K)
-    loss_ce, accuracy = clip_prompts.prompt_loss(net, image_features.flatten(0, 1), labels.flatten(), logit_scale)
+    features, labels = batch["features"].flatten(0, 1), batch["labels"].flatten()   # (b·K, D), (b·K,)
+    loss_ce, accuracy = clip_prompts.prompt_loss(net, features, labels, logit_scale)
     return loss_ce, {"loss_ce": loss_ce.detach(), "accuracy": accuracy.detach()}
-
-
-def embedding_bank(args, run, clip_model, samples, view):
-    """CLIP features of every view of these triplets as (views, K, D) with labels (views, K). Each rank
-    encodes its share of the images once; the shares are then gathered on every rank."""
-    levels = len(args.prompt_words)
-    views = partial(clip_prompts.quality_views, num_levels=levels, view=view, crops=args.prompt_crops,
-                    patch_size=args.patch_size, seed=args.seed)
-    triplets = data.TripletDataset(samples[run.rank::run.world], medium_dir(args), sigmas=args.sigmas)
-    features, _ = clip_prompts.build_embedding_bank(clip_model, triplets, views, num_levels=levels,
-                                                    num_workers=args.workers)
-    shares = [features.view(-1, levels, features.shape[-1])] * run.world      # (views of this rank, K, D)
-    if run.distributed:
-        dist.all_gather_object(shares, shares[0])
-    features = torch.cat(shares)
-    return torch.utils.data.TensorDataset(features, torch.arange(levels).repeat(len(features), 1))
 
 
 def run_prompt(args, run, samples, clip_model, resume):
     """Eq. (1) on cached CLIP features of the crops L_clip will judge; 10% of the triplets held out."""
-    if args.resume and prompts_path(args).is_file():
-        return run.print0(f"prompt: {prompts_path(args)} exists, skipping")
-    clip_prompts.read_medium_manifest(medium_dir(args))                     # a clear error if absent
-    clip_model.to(run.device)
-    held_out = clip_prompts.held_out_split(samples)
-    bank = embedding_bank(args, run, clip_model, [s for s in samples if (s.task, s.key) not in held_out],
-                          args.prompt_view)
+    if args.resume and Path(args.prompts).is_file():
+        return run.print0(f"prompt: {args.prompts} exists, skipping")
+    clip_prompts.read_medium_manifest(Path(args.medium_dir))                     # a clear error if absent
+    clip_model.to(run.device)                                                      # frozen: only the prompts will train
+    held_out, levels = clip_prompts.held_out_split(samples), len(args.prompt_words)
+    split = {kept: [s for s in samples if ((s.task, s.key) in held_out) != kept] for kept in (True, False)}
+
+    def bank(kept, view):                             # cached CLIP features of every view of the triplets
+        views = partial(clip_prompts.quality_views, num_levels=levels, view=view, crops=args.prompt_crops,
+                        patch_size=args.patch_size, seed=args.seed)
+        triplets = data.TripletDataset(split[kept], Path(args.medium_dir), sigmas=args.sigmas)
+        return clip_prompts.embedding_dataset(clip_model, triplets, views, levels, args.workers)
+
     learner = clip_prompts.PromptLearner(clip_model, args.prompt_words, args.prompt_tokens, args.prompt_init)
     logit_scale = clip_model.logit_scale.exp().item()                        # 100 for OpenAI's weights
-    if any(p.requires_grad for p in learner.parameters()):
-        learner = fit(args, run, "prompt", learner, partial(prompt_step, logit_scale=logit_scale), bank,
-                      args.prompt_iters, args.prompt_lr, args.prompt_batch_size, stage_dir(args, "prompt"), resume)
+    if any(p.requires_grad for p in learner.parameters()):                   # "fixed" prompts (Table XII) train nothing
+        learner, _ = fit(args, run, "prompt", learner, partial(prompt_step, logit_scale=logit_scale),
+                         bank(True, args.prompt_view), args.prompt_iters, args.prompt_lr, args.prompt_batch_size,
+                         Path(args.out) / "prompt", resume)
     else:
         run.print0("prompt: --prompt-init fixed has nothing to train (Table XII (a), (d), (j))")
-    # The perceiver judges stage-2 training crops (Eq. 9): measure it on crops of triplets it never saw.
     result = {}
-    if held_out:
-        features, labels = embedding_bank(args, run, clip_model, [s for s in samples if (s.task, s.key) in held_out],
-                                          "crop").tensors
+    if held_out:                # the perceiver judges training crops (Eq. 9): test it on crops it never saw
+        features = torch.stack([view["features"] for view in bank(False, "crop")]).to(run.device)   # (n, K, D)
+        labels = torch.arange(levels, device=run.device).repeat(len(features))      # tier k of each crop: I_g, I_m, I_d
         with torch.no_grad():
-            _, accuracy = clip_prompts.prompt_loss(learner, features.flatten(0, 1).to(run.device),
-                                                   labels.flatten().to(run.device), logit_scale)
-        result = dict(triplets=len(held_out), crops=len(features), accuracy=accuracy.item(), trained_on=args.prompt_view)
-        run.print0(f"prompt: held-out triplets ({len(held_out)}, {len(features)} crops): the perceiver puts "
-                   f"{accuracy.item():.1%} of their images in the right tier (chance {1 / len(args.prompt_words):.0%})")
-    if run.master:
-        clip_prompts.save_prompts(prompts_path(args), learner, clip_model.clip_info, vars(args), args.prompt_iters, result)
+            accuracy = clip_prompts.prompt_loss(learner, features.flatten(0, 1), labels, logit_scale)[1].item()
+        result = dict(triplets=len(held_out), crops=len(features), accuracy=accuracy, trained_on=args.prompt_view)
+        run.print0(f"prompt: held-out triplets ({len(held_out)}, {len(features)} crops): {accuracy:.1%} of their "
+                   f"images in the right tier (chance {1 / levels:.0%})")
+    if run.master:                                    # the prompts, their CLIP and the held-out accuracy
+        clip_prompts.save_prompts(args.prompts, learner, clip_model.clip_info, vars(args), args.prompt_iters, result)
     run.barrier()
-    run.print0(f"prompt: prompts for {args.prompt_words} written to {prompts_path(args)}")
+    run.print0(f"prompt: prompts for {args.prompt_words} written to {args.prompts}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Stage 2: restoration with the quality-aware losses (Sec. III-C..E, Eq. 13)
-# ---------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def average_psnr(model, sgm, probe, run):
-    """avgPSNR(I_r, Θ_{k−1}) of Eq. (10) per stratum of the probe (a task, or denoising at one σ), plus
-    each task's mean over its strata; each rank restores its share, the sums are added over ranks.
-
-    # UNSPECIFIED: the paper measures "the average PSNR" of the network at each epoch start without
-    # saying on what. One number over all tasks would decide hard / very hard by the task alone (task
-    # PSNRs differ by 10-15 dB): so we measure each task (and σ) on the same number of fixed
-    # training patches (--probe-size per stratum, never test images) and compare each negative with
-    # the value of its own stratum. An epoch is one pass over the resampled data (--epoch-iters).
-    """
-    model.eval()
-    totals = torch.zeros(len(probe), 2, device=run.device)                       # (strata, [Σ PSNR, count])
-    for row, (degraded, target) in enumerate(probe.values()):
-        for d, t in zip(degraded[run.rank::run.world].split(8), target[run.rank::run.world].split(8)):
-            psnr = losses.batch_psnr(restore_image(model, sgm, d.to(run.device)), t.to(run.device))
-            totals[row] += torch.stack([psnr.sum(), torch.tensor(float(len(t)), device=run.device)])
-    model.train()
-    result = {name: total / count for name, (total, count) in zip(probe, run.all_sum(totals).tolist())}
-    for task in {name.split("_sigma")[0] for name in result if "_sigma" in name}:
-        by_sigma = [value for name, value in result.items() if name.startswith(f"{task}_sigma")]
-        result[task] = sum(by_sigma) / len(by_sigma)
-    return dict(sorted(result.items(), key=lambda item: data.stratum_order(item[0])))
-
+# --- Stage 2: restoration with the quality-aware losses (Sec. III-C..E, Eq. 13) ------------------------------------
 
 def restore_step(net, batch, state, sgm, criterion, use_cl, uses_dino, strata):
     """The step of Eq. (13): DINOv2 once per batch, the network, the four losses (tests/benchmark.py times it)."""
@@ -679,134 +556,116 @@ def restore_step(net, batch, state, sgm, criterion, use_cl, uses_dino, strata):
         restored, code, code_positive = net(batch["degraded"], semantic, batch["positive"])
     else:
         (restored, code), code_positive = net(batch["degraded"], semantic), None
-    avg_psnr = None
-    if state["avg_psnr"] is not None:             # Eq. (10): each image's negatives against its own stratum
+    avg_psnr = None                               # Eq. (10): each image's negatives against its own stratum
+    if state["avg_psnr"] is not None:             # (B, 1), broadcast over q
         table = torch.tensor([state["avg_psnr"][name] for name in strata], device=restored.device)
-        avg_psnr = table[batch["stratum"]][:, None]                             # (B, 1), broadcast over q
-    total, parts = criterion(restored, batch, code, code_positive, avg_psnr)
-    for key in ("non_easy_count", "very_hard_count"):                        # per image → per task, for the log
-        if key in parts:
-            parts[key] = restored.new_zeros(len(data.TASKS)).index_add_(0, batch["task"], parts[key])
+        avg_psnr = table[batch["stratum"], None]
+    total, parts = criterion(restored, batch, code, code_positive, avg_psnr)            # Eq. (13)
+    for key in {"non_easy_count", "very_hard_count"} & set(parts):        # per image → per task, for the log
+        parts[key] = restored.new_zeros(len(data.TASKS)).index_add_(0, batch["task"], parts[key])
     return total, parts
 
 
-def centroids_of_z(model, args, samples):
-    """The restore stage's last act: per-task centroids of Z on whole training images, stored in the
-    checkpoint for evaluate.py's perception report (evenly spread, at most CENTROID_IMAGES per task)."""
-    model.eval()
-    chosen = []
-    for task in data.parse_tasks(args.tasks):
-        of_task = [s for s in samples if s.task == task]
-        chosen += of_task[::max(1, math.ceil(len(of_task) / CENTROID_IMAGES))]
-    images = ((s.task, data.load_pair(s, args.sigmas)[0]) for s in chosen)     # loaded one at a time
-    result = degradation_centroids(model, images)
-    model.train()
-    return {"centroids": result}
-
-
 def run_restore(args, run, samples, frozen, resume):
-    sgm, model = frozen["sgm"], build_model(vars(args))
-    use_cl = args.lambda_cl > 0 and model.guided and model.use_cfe
+    sgm, model = frozen["sgm"], build_model(vars(args))                         # DINOv2 stays outside the trained model
+    use_cl = args.lambda_cl > 0 and model.guided and model.use_cfe          # Z exists only with CFE
     if args.lambda_cl > 0 and not use_cl:
         run.print0("restore: L_cl needs the CFE codes; it is off in this ablation")
-    criterion = losses.PerceiveIRLoss(frozen["vgg"], frozen["perceiver"], args.lambda_cl, args.lambda_clip,
-                                      args.lambda_dpl, use_cl=use_cl, use_clip=args.lambda_clip > 0,
-                                      use_dpl=args.lambda_dpl > 0, tau=args.tau, lam=args.dpl_lambda,
-                                      gamma=args.dpl_gamma)
+    criterion = losses.PerceiveIRLoss(frozen["vgg"], frozen["perceiver"], args.lambda_cl, args.lambda_clip,  # Eq. 13
+                                      args.lambda_dpl, use_cl, args.lambda_clip > 0, args.lambda_dpl > 0, args.tau,
+                                      lam=args.dpl_lambda, gamma=args.dpl_gamma)
     # UNSPECIFIED: the paper's non-easy negatives N_q are restorations by proxy models (InstructIR,
     # PromptIR, FSNet, MambaIR) it does not release; by default ours are the stage-1 medium images
     # I_m, restorations we can make, plus any --negatives folders (--no-medium-negative drops I_m).
-    folders = ([medium_dir(args)] if args.medium_negative and criterion.use_dpl else [])
-    folders += list(args.negatives) if criterion.use_dpl else []
-    if folders[:1] == [medium_dir(args)] and not medium_dir(args).is_dir():
-        raise SystemExit(f"train.py: --medium-negative: no medium-quality images in {medium_dir(args)}; run "
+    folders = ([Path(args.medium_dir)] * args.medium_negative + list(args.negatives)) if criterion.use_dpl else []
+    if args.medium_negative and criterion.use_dpl and not Path(args.medium_dir).is_dir():
+        raise SystemExit(f"train.py: --medium-negative: no medium-quality images in {Path(args.medium_dir)}; run "
                          "--stage medium first, pass --medium-dir, or --no-medium-negative")
-    try:
+    try:                                                   # a negatives folder that covers no image: one line
         dataset = data.TrainDataset(samples, args.patch_size, folders, parse_resample(args.resample), args.sigmas,
                                     seed=args.seed)
     except ValueError as error:
         raise SystemExit(f"train.py: {error}") from None
+    names = ["I_m"] * args.medium_negative + [f"{len(args.negatives)} proxy folder(s)"] * bool(args.negatives)
     if criterion.use_dpl:
-        names = (["I_m"] if args.medium_negative else []) + [f"{len(args.negatives)} proxy folder(s)"] * bool(args.negatives)
         run.print0(f"restore: L_dpl negatives: I_d easy; {' + '.join(names) or 'none'} non-easy")
-        for folder, covered in dataset.coverage():
-            run.print0(f"  {folder}: negatives for {covered} of {len(samples)} training images"
-                       + ("" if covered == len(samples) else " (the others are masked out of Eq. 11)"))
+    for folder, covered in dataset.coverage():                             # how many training images each folder covers
+        run.print0(f"  {folder}: negatives for {covered} of {len(samples)} training images"
+                   + ("" if covered == len(samples) else " (the others are masked out of Eq. 11)"))
     step_fn = partial(restore_step, sgm=sgm, criterion=criterion, use_cl=use_cl, strata=dataset.strata,
                       uses_dino=model.guided and model.use_dino)
-    epoch_fn = partial(average_psnr, sgm=sgm, probe=dataset.probe(args.probe_size, args.seed), run=run) \
-        if criterion.use_dpl else None
-    final_fn = partial(centroids_of_z, args=args, samples=samples) if model.guided and model.use_cfe else None
+    probe = dataset.probe(args.probe_size, args.seed) if criterion.use_dpl else None   # Eq. (10): L_dpl only
+    # At the end: per-task centroids of Z on whole training images (at most CENTROID_IMAGES per task,
+    # evenly spread), stored in the checkpoint for evaluate.py's report of what the model perceives.
+    chosen = [s for task in data.TASKS for of_task in [[s for s in samples if s.task == task]]
+              for s in of_task[::max(1, math.ceil(len(of_task) / CENTROID_IMAGES))]]
+    centroids = (lambda net: {"centroids": degradation_centroids(net, ((s.task, data.load_pair(s, args.sigmas)[0])
+                                                                       for s in chosen))})
     return fit(args, run, "restore", model, step_fn, dataset, args.iters, args.lr, args.batch_size,
-               stage_dir(args, "restore"), resume, epoch_fn, final_fn)
+               Path(args.out) / "restore", resume,
+               epoch_fn=(lambda net: losses.average_psnr(partial(restore_image, net, sgm), probe, run.device))
+               if probe else None, final_fn=centroids if model.guided and model.use_cfe else None)
 
 
-def demo_report(args, run, model, sgm):
-    """PSNR of the degraded inputs and of the restorations on the held-out demo test images."""
-    model.eval()
-    test_sets = data.build_test_sets(args.data_root, data.parse_tasks(args.tasks), sigmas=(25,), problems=[])
-    if not test_sets:                                   # a demo run on data without a test split
-        return {}
-    run.print0("\ndemo: held-out test images, PSNR (RGB, dB)      input -> restored")
-    gains = {}
-    for test_set in test_sets:
-        psnr_in, psnr_out = [], []
+def demo_report(args, run, model, sgm, centroids):
+    """PSNR of inputs and restorations of the held-out demo images, and the type perceived (nearest centroid of Z)."""
+    model.eval()                                                                       # restore_image is a no-grad pass
+    run.print0("\ndemo: held-out test images, PSNR (RGB, dB)      input -> restored   type perceived")
+    gains = {}                                          # (no test split: nothing to report)
+    for test_set in data.build_test_sets(args.data_root, data.parse_tasks(args.tasks), sigmas=(25,), problems=[]):
+        psnr_in, psnr_out, right = [], [], 0
         for item in test_set:
             degraded, target = item["degraded"][None].to(run.device), item["target"][None].to(run.device)
-            psnr_in.append(losses.batch_psnr(degraded, target).item())
+            psnr_in.append(losses.batch_psnr(degraded, target).item())                  # the input's own PSNR, to beat
             psnr_out.append(losses.batch_psnr(restore_image(model, sgm, degraded), target).item())
+            right += bool(centroids) and perceive(model, centroids, degraded)[0]["task"] == test_set.task
         label = f"{test_set.task} ({test_set.name}{f', σ={test_set.sigma:g}' if test_set.sigma else ''})"
-        run.print0(f"  {label:42s} {np.mean(psnr_in):6.2f} -> {np.mean(psnr_out):6.2f}")
+        run.print0(f"  {label:42s} {np.mean(psnr_in):6.2f} -> {np.mean(psnr_out):6.2f}   {right}/{len(test_set)} right")
         gains[test_set.task] = np.mean(psnr_out) - np.mean(psnr_in)
-    run.print0(f"  mean gain over the inputs: {np.mean(list(gains.values())):+.2f} dB "
-               "(tiny random-weight networks, minutes of CPU)")
+    run.print0(f"  mean gain over the inputs: {np.mean(list(gains.values()) or [0]):+.2f} dB (tiny random networks)")
     return gains
 
 
-# ---------------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------------
+# --- main ----------------------------------------------------------------------------------------------------------
 
 def build_frozen(args, run, stages):
-    """Load every frozen network the chosen stages need before any training, so that missing weights
-    fail at start-up naming their flag, not hours into a run. None of them ever enters DDP."""
+    """Every frozen network the stages need, loaded before training: missing weights fail at start-up, naming
+    their flag. None of them ever enters DDP."""
     frozen = {"clip": None, "sgm": None, "vgg": None, "perceiver": None}
     if "prompt" in stages:
         frozen["clip"] = clip_prompts.load_clip(args.clip_model, weights=args.clip_weights, seed=args.seed)
         run.print0(f"frozen: CLIP {frozen['clip'].clip_info}")
-    if "restore" in stages:
-        if not (args.no_guidance or args.no_dino):
-            frozen["sgm"] = build_sgm(args.dino, args.dino_weights).to(run.device)
-            run.print0(f"frozen: {frozen['sgm'].description}")
-        if args.lambda_dpl > 0:
-            frozen["vgg"] = losses.build_vgg(args.vgg_weights, variant=args.vgg).to(run.device)
-            run.print0(f"frozen: {frozen['vgg'].description}")
-        if args.lambda_clip > 0 and "prompt" not in stages:               # prompts of an earlier run
-            frozen["perceiver"] = clip_prompts.QualityPerceiver.from_checkpoint(
-                prompts_path(args), args.clip_weights, device=run.device)
+    if "restore" in stages and not (args.no_guidance or args.no_dino):
+        frozen["sgm"] = build_sgm(args.dino, args.dino_weights).to(run.device)
+        run.print0(f"frozen: {frozen['sgm'].description}")
+    if "restore" in stages and args.lambda_dpl > 0:
+        frozen["vgg"] = losses.build_vgg(args.vgg_weights, variant=args.vgg).to(run.device)
+        run.print0(f"frozen: {frozen['vgg'].description}")
+    if "restore" in stages and args.lambda_clip > 0 and "prompt" not in stages:   # prompts of an earlier run
+        frozen["perceiver"] = clip_prompts.QualityPerceiver.from_checkpoint(args.prompts, args.clip_weights, run.device)
     return frozen
 
 
 def main(args):
     run = Run()
-    for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
+    for seed_fn in (torch.manual_seed, np.random.seed, random.seed):     # numpy and Python drive augmentation and folds
         seed_fn(args.seed)                        # the same on every rank: identical initial weights
     stages = ["medium", "prompt", "restore"] if args.stage == "all" else [args.stage]
     resume = load_checkpoint(args.resume) if args.resume not in (None, "auto") else None   # read once
-    if resume is not None and resume["stage"].split("-")[0] not in stages:
+    if resume and resume["stage"].split("-")[0] not in stages:
         raise SystemExit(f"--resume {args.resume} belongs to another stage than --stage {args.stage}")
     if args.batch_size % run.world or args.prompt_batch_size % run.world:
         raise SystemExit(f"train.py: the global batches ({args.batch_size}, {args.prompt_batch_size}) must "
                          f"divide by the {run.world} processes: choose --batch-size / --prompt-batch-size")
     try:
-        if args.preset == "demo" and args.data_root is None:
+        if args.preset == "demo" and args.data_root is None:             # the offline demo makes its data
             args.data_root = str(Path(args.out) / "data")
             if run.master and not (Path(args.data_root) / "train").is_dir():
                 data.make_demo_data(args.data_root, seed=args.seed)
             run.print0(f"demo: generated data in {args.data_root}; tiny CLIP, DINOv2 and VGG with RANDOM weights "
                        "(no downloads): the numbers show that the pipeline works, not the paper's results")
             run.barrier()
-        if args.data_root is None:
+        elif args.data_root is None:
             raise SystemExit("train.py: --data-root is required (check a dataset with `python data.py --check "
                              "ROOT`), or run the offline demo with --preset demo")
         try:                                      # expected failures (weights, data): one line, no traceback
@@ -816,18 +675,18 @@ def main(args):
             raise SystemExit(f"train.py: {error}") from None
         for task, found in report["found"].items():
             run.print0(f"data: {task}: {found['pairs']} images ({found['layout']} layout, {found['folder']})")
-        started = time.time()
+        started = time.time()                                                           # the stages themselves, timed
         if "medium" in stages:
             run_medium(args, run, samples, resume)
         if "prompt" in stages:
             run_prompt(args, run, samples, frozen["clip"], resume)
-            if "restore" in stages and args.lambda_clip > 0:                # the perceiver shares CLIP
-                frozen["perceiver"] = clip_prompts.QualityPerceiver.from_checkpoint(
-                    prompts_path(args), args.clip_weights, device=run.device)
         if "restore" in stages:
-            model = run_restore(args, run, samples, frozen, resume)
+            if args.lambda_clip > 0 and frozen["perceiver"] is None:   # prompts just learnt: a perceiver (Eq. 9)
+                frozen["perceiver"] = clip_prompts.QualityPerceiver.from_checkpoint(args.prompts, args.clip_weights,
+                                                                                     run.device)
+            model, state = run_restore(args, run, samples, frozen, resume)
             if args.preset == "demo":
-                demo_report(args, run, model, frozen["sgm"])
+                demo_report(args, run, model, frozen["sgm"], state.get("centroids"))
         run.print0(f"done in {time.time() - started:.0f} s; outputs in {args.out}")
     except StopTraining:
         pass
