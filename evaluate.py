@@ -1,29 +1,22 @@
 """Evaluation of Perceive-IR: the metrics of Sec. IV-A.2 and the tables of Sec. IV-B..D (Tables II-V, IX).
 
-The paper reports PSNR and SSIM per test set and noise level σ, plus their average, for the
-All-in-One settings "N+H+R" (Table II) and "N+H+R+B+L" (Table III), for One-by-One training
-(Tables IV-V) and for the unseen noise levels σ = 60, 100 (Table IX), and LPIPS in Fig. 8 and
-Tables VI-VIII. It does not say how PSNR and SSIM are computed, and its peers do not agree:
-
-1. "rgb" (PromptIR and AdaIR: skimage on the float RGB output clamped to [0, 1]): PSNR over the
-   three channels; SSIM as skimage's `structural_similarity` defaults (7×7 uniform window, sample
-   covariance N/(N−1), mean over channels).
+PSNR and SSIM per test set and σ, and their average, for the All-in-One settings (Tables II, III),
+One-by-One training (Tables IV-V) and unseen σ (Table IX); LPIPS as in Fig. 8 and Tables VI-VIII.
+The paper does not say how PSNR and SSIM are computed, and its peers do not agree:
+1. "rgb" (PromptIR, AdaIR): skimage on the float RGB output clamped to [0, 1]; SSIM with its default
+   7×7 uniform window and sample covariance N/(N−1), averaged over channels.
 2. "rgb-gaussian" (MoCE-IR): the same with skimage's `gaussian_weights=True` (11×11 Gaussian, σ 1.5).
-3. "y" (MATLAB-style, as the deraining papers report): PSNR and SSIM on the BT.601 luma of the 8-bit
-   images, SSIM with an 11×11 Gaussian window, borders replicated as MATLAB's ssim(). BasicSR's
-   Y option averages valid windows only, and is usually run with a border crop.
-
-On Rain100L's own inputs "rgb" and "y" differ by 1.4 dB (25.5 against 26.9 dB), more than most gaps
-in Tables II-V, so every table names its convention, and whether images were restored whole (the
-protocol of the paper and its peers) or in tiles.
+3. "y" (MATLAB-style, as the deraining papers report): the BT.601 luma of the 8-bit images, SSIM with
+   an 11×11 Gaussian window and replicated borders (MATLAB's ssim(); BasicSR averages valid windows).
+On Rain100L's own inputs "rgb" and "y" differ by 1.4 dB (25.5 against 26.9), more than most gaps in
+Tables II-V: every table names its convention, and whether images were restored whole or in tiles.
 
 What is in here:
-- `psnr`, `ssim`, `rgb_to_y`, `compute_metrics(_per_image)`: the three conventions, in torch (float64),
-  checked against third-party values in tests/test_evaluate.py.
+- `psnr`, `ssim`, `rgb_to_y`, `compute_metrics(_per_image)`: the three conventions, in float64.
 - `LPIPS`, `build_lpips`: LPIPS (VGG-16, v0.1 calibration), checked against the `lpips` package.
 - `ResultTable`: per-set results in the layouts of Tables II, III, IV-V and IX, as markdown, CSV, JSON.
-- `Restorer`, `evaluate_benchmarks`: a checkpoint on the test sets; `score_predictions`: any method's
-  restored images (`--pred`); `restore_files`: your own images, with what the model perceived in them.
+- `Restorer`, `restored_pairs`, `score_into`: a checkpoint on the test sets; `prediction_pairs`: any
+  method's restored images (`--pred`); `restore_files`: your own images, and what the model perceived.
 """
 
 import argparse
@@ -58,106 +51,88 @@ CONVENTIONS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# Metrics (Sec. IV-A.2)
-# ---------------------------------------------------------------------------------------------
+# --- Metrics (Sec. IV-A.2) -----------------------------------------------------------------------------------------
 
 def uniform_window(size=7):
     """skimage's default SSIM window: a size × size box (as a 1-D factor)."""
-    return torch.full((size,), 1.0 / size, dtype=torch.float64)
+    return torch.full((size,), 1.0 / size, dtype=torch.float64)                 # every pixel of the box weighs the same
 
 
 def gaussian_window(size=11, sigma=1.5):
     """Wang et al.'s 11×11 Gaussian, σ = 1.5 (as a 1-D factor). Equals cv2.getGaussianKernel(11, 1.5)
     (BasicSR) and skimage's `gaussian(sigma=1.5, truncate=3.5)`, whose radius is int(3.5·1.5 + 0.5) = 5."""
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    window = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2                        # pixel offsets from the centre
+    window = torch.exp(-x ** 2 / (2 * sigma ** 2))                                      # exp(−x²/2σ²)
     return window / window.sum()
 
 
 def rgb_to_y(image):
-    """BT.601 luma of the 8-bit version of an image: (B, 3, H, W) in [0, 1] → (B, 1, H, W) in [16, 235].
-
-    The image is first quantised as it would be saved (BasicSR's tensor2img: round(x·255)); Y is
-    then Y = 16 + 65.481·R + 128.553·G + 24.966·B with R, G, B in [0, 1], not rounded again.
-    """
-    r, g, b = (torch.round(image * 255) / 255).unbind(1)
-    return (16 + 65.481 * r + 128.553 * g + 24.966 * b).unsqueeze(1)
+    """BT.601 luma of the 8-bit version of an image: (B, 3, H, W) in [0, 1] → (B, 1, H, W) in [16, 235]."""
+    r, g, b = (torch.round(image * 255) / 255).unbind(1)       # quantised as saved (BasicSR's tensor2img)
+    return (16 + 65.481 * r + 128.553 * g + 24.966 * b).unsqueeze(1)   # Y, not rounded again
 
 
 def psnr(restored, target, data_range):
     """PSNR = 10·log10(R² / MSE) per image, (B, C, H, W) → (B,). Identical images give inf."""
-    mse = (restored - target).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(data_range ** 2 / mse)
+    mse = (restored - target).pow(2).flatten(1).mean(1)                                 # over channels and pixels
+    return 10 * torch.log10(data_range ** 2 / mse)                                      # inf for identical images
 
 
 def ssim(restored, target, window, data_range, sample_covariance, replicate_border=False, full_map=False):
     """Mean SSIM per image (Wang et al. 2004), (B, C, H, W) → (B,), averaged over channels (or the map).
-
-    Local statistics use the separable `window`, only where it lies wholly inside the image (this
-    is skimage's `crop(S, (win_size − 1) // 2)` and BasicSR's [5:-5, 5:-5]), unless
-    `replicate_border`: then the images are first padded by edge replication so every pixel has a
-    window (MATLAB's built-in ssim()). `sample_covariance` multiplies (co)variances by N/(N−1).
-    """
+    Local statistics use the separable `window` where it lies wholly inside the image (skimage's crop,
+    BasicSR's [5:-5, 5:-5]); `replicate_border` first pads by edge replication (MATLAB's ssim())."""
     if replicate_border:
-        radius = window.numel() // 2
+        radius = window.numel() // 2                                                    # 5 for the 11×11 window
         restored = F.pad(restored, (radius,) * 4, mode="replicate")
         target = F.pad(target, (radius,) * 4, mode="replicate")
-    B, C, H, W = restored.shape
+    B, C, H, W = restored.shape                                                         # (after any padding)
     k = window.numel()
     stats = torch.stack([restored, target, restored * restored, target * target, restored * target], 2)
     stats = stats.reshape(B * C * 5, 1, H, W)                                    # (B·C·5, 1, H, W)
-    window = window.to(stats)
+    window = window.to(stats)                                                           # float64, on the images' device
     stats = F.conv2d(F.conv2d(stats, window.view(1, 1, 1, k)), window.view(1, 1, k, 1))
     mu_x, mu_y, xx, yy, xy = stats.reshape(B, C, 5, H - k + 1, W - k + 1).unbind(2)
-    cov_norm = k * k / (k * k - 1) if sample_covariance else 1.0
-    var_x, var_y = cov_norm * (xx - mu_x * mu_x), cov_norm * (yy - mu_y * mu_y)
-    cov_xy = cov_norm * (xy - mu_x * mu_y)
+    cov_norm = k * k / (k * k - 1) if sample_covariance else 1.0                 # skimage: N/(N−1)
+    var_x, var_y = cov_norm * (xx - mu_x * mu_x), cov_norm * (yy - mu_y * mu_y)         # σ_x², σ_y²
+    cov_xy = cov_norm * (xy - mu_x * mu_y)                                              # σ_xy
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2                 # K1 = 0.01, K2 = 0.03
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)
                 / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)))    # (B, C, H−k+1, W−k+1)
-    return ssim_map if full_map else ssim_map.flatten(1).mean(1)
+    return ssim_map if full_map else ssim_map.flatten(1).mean(1)                     # the mean over channels and pixels
 
 
 def check_pair(restored, target, convention):
-    """Validate a (restored, target) pair and return both as float64 (B, 3, H, W).
-
-    `restored` is clamped to [0, 1], as PromptIR does before its metrics and BasicSR's tensor2img
-    does before quantising: a network may overshoot. `target` must already lie in [0, 1]; one that
-    does not is a scaling mistake (an 8-bit image not divided by 255) and is rejected.
-    """
-    if convention not in CONVENTIONS:
+    """Validate a (restored, target) pair and return both as float64 (B, 3, H, W). `restored` is clamped to
+    [0, 1] (a network may overshoot: PromptIR and BasicSR clamp too); a `target` outside it is a mistake."""
+    if convention not in CONVENTIONS:                                                   # names the three choices
         raise ValueError(f"unknown metric convention {convention!r}; choose one of {list(CONVENTIONS)}")
     for name, image in (("restored", restored), ("target", target)):
-        if not torch.is_tensor(image) or not image.is_floating_point():
+        if not torch.is_tensor(image) or not image.is_floating_point():             # an 8-bit image is a common mistake
             raise TypeError(f"{name} must be a float tensor in [0, 1], got "
                             f"{getattr(image, 'dtype', type(image))}; convert 8-bit images with `x.float() / 255`")
-        if image.dim() not in (3, 4) or image.shape[-3] != 3:
+        if image.dim() not in (3, 4) or image.shape[-3] != 3:                           # RGB only
             raise ValueError(f"{name} must be RGB of shape (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}")
-        if not torch.isfinite(image).all():
+        if not torch.isfinite(image).all():                                          # a diverged network, or a bad file
             raise ValueError(f"{name} contains NaN or inf values")
-    if restored.shape != target.shape:
+    if restored.shape != target.shape:                                            # restore crops back to the input size
         raise ValueError(f"restored {tuple(restored.shape)} and target {tuple(target.shape)} differ in shape; "
                          "crop the restored image back to the target size")
-    size = 7 if convention == "rgb" else 11
+    size = 7 if convention == "rgb" else 11                                        # the SSIM window
     if min(target.shape[-2:]) < size:
-        raise ValueError(f"images must be at least {size}×{size} for the {convention!r} SSIM window, "
-                         f"got {tuple(target.shape[-2:])}")
-    low, high = target.min().item(), target.max().item()
-    if low < 0 or high > 1:
-        raise ValueError(f"target must lie in [0, 1], got values in [{low:g}, {high:g}]; "
+        raise ValueError(f"images must be at least {size}×{size} for the {convention!r} SSIM window")
+    if target.min() < 0 or target.max() > 1:                                       # an 8-bit image, not / 255
+        raise ValueError(f"target must lie in [0, 1], got [{target.min():g}, {target.max():g}]; "
                          "divide 8-bit images by 255")
     restored, target = restored.double().clamp(0, 1), target.double()
-    if restored.dim() == 3:
-        restored, target = restored[None], target[None]
-    return restored, target
+    return (restored[None], target[None]) if restored.dim() == 3 else (restored, target)
 
 
 def compute_metrics_per_image(restored, target, convention="rgb"):
     """{"psnr": [...], "ssim": [...]}, one value per image, of (3, H, W) or (B, 3, H, W) in [0, 1]."""
-    restored, target = check_pair(restored, target, convention)
+    restored, target = check_pair(restored, target, convention)                         # float64, restored clamped
     replicate_border = False
-    if convention == "y":
+    if convention == "y":                                                              # the BT.601 luma of 8-bit images
         # UNSPECIFIED: the paper does not say which Y-channel SSIM it uses. We match the project's
         # reference values (metrics_reference.json), which are MATLAB's built-in ssim(): unrounded
         # Y, borders padded by edge replication, the whole map averaged. BasicSR and Wang's
@@ -165,7 +140,7 @@ def compute_metrics_per_image(restored, target, convention="rgb"):
         # 0.005 apart on the shared pairs; the deraining MATLAB scripts also round Y to uint8 first.
         restored, target, data_range = rgb_to_y(restored), rgb_to_y(target), 255.0
         window, sample_covariance, replicate_border = gaussian_window(), False, True
-    elif convention == "rgb":
+    elif convention == "rgb":                                                           # skimage's defaults
         data_range, window, sample_covariance = 1.0, uniform_window(), True
     else:                                     # "rgb-gaussian": skimage's gaussian_weights=True
         data_range, window, sample_covariance = 1.0, gaussian_window(), False
@@ -175,15 +150,11 @@ def compute_metrics_per_image(restored, target, convention="rgb"):
 
 def compute_metrics(restored, target, convention="rgb"):
     """{"psnr": float, "ssim": float}: the mean over the images of a batch (PSNR in dB)."""
-    per_image = compute_metrics_per_image(restored, target, convention)
+    per_image = compute_metrics_per_image(restored, target, convention)                 # per image first, then the mean
     return {name: sum(values) / len(values) for name, values in per_image.items()}
 
 
-
-
-# ---------------------------------------------------------------------------------------------
-# LPIPS (Sec. IV-A.2, Fig. 8, Tables VI-VIII)
-# ---------------------------------------------------------------------------------------------
+# --- LPIPS (Sec. IV-A.2, Fig. 8, Tables VI-VIII) -------------------------------------------------------------------
 
 LPIPS_NAME = "LPIPS (VGG, v0.1)"
 LPIPS_TAPS = (3, 8, 15, 22, 29)                 # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 of vgg16().features
@@ -200,20 +171,20 @@ class LPIPS(nn.Module):
     """
 
     def __init__(self, features, calibration):
-        super().__init__()
+        super().__init__()                                                             # frozen: nothing here is trained
         self.layers = features[:max(LPIPS_TAPS) + 1]        # in-place ReLUs are harmless: taps are ReLU outputs
         self.calibration = nn.ParameterList([nn.Parameter(w.float().reshape(1, -1, 1, 1)) for w in calibration])
         # LPIPS v0.1 maps [0, 1] to [-1, 1], then shifts and scales each channel (its ScalingLayer).
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
-        self.requires_grad_(False).eval()
+        self.requires_grad_(False).eval()                                       # eval: no dropout (the package has one)
 
     @torch.no_grad()
     def forward(self, restored, target):
         x = ((2 * torch.cat([restored, target]).float() - 1) - self.shift) / self.scale     # (2B, 3, H, W)
-        distance, weights = 0, iter(self.calibration)
+        distance, weights = 0, iter(self.calibration)                                   # one 1×1 weight vector per tap
         for index, layer in enumerate(self.layers):
-            x = layer(x)
+            x = layer(x)                                                                # the VGG-16 layers, in order
             if index in LPIPS_TAPS:
                 unit = x / (x.square().sum(1, keepdim=True).sqrt() + 1e-10)      # x̂_l, unit length per pixel
                 a, b = unit.chunk(2)                                              # restored, target
@@ -222,11 +193,9 @@ class LPIPS(nn.Module):
 
 
 def build_lpips(vgg_weights=None, lpips_weights=None):
-    """LPIPS from VGG-16 (torchvision's loader, or --vgg-weights, as L_dpl loads it) and the v0.1
-    calibration weights (from the `lpips` package if installed, or --lpips-weights FILE holding its
-    `lin0.model.1.weight` ... `lin4.model.1.weight`). Missing either stops before any image is restored."""
-    needs = ("LPIPS needs VGG-16 ImageNet weights (torchvision's cache, or --vgg-weights FILE) and the v0.1 "
-             "calibration weights (`pip install lpips`, or --lpips-weights FILE)")
+    """LPIPS from VGG-16 (torchvision's loader or --vgg-weights, as L_dpl loads it) and the v0.1 calibration
+    (the `lpips` package, or --lpips-weights FILE with its lin0..4 keys); missing either stops at once."""
+    needs = "LPIPS needs VGG-16 (torchvision's cache or --vgg-weights) and its calibration (lpips or --lpips-weights)"
     try:
         features, _ = losses.load_vgg16_features(vgg_weights)
         if lpips_weights is None:
@@ -239,28 +208,21 @@ def build_lpips(vgg_weights=None, lpips_weights=None):
         calibration = [state[f"lin{i}.model.1.weight"] for i in range(len(LPIPS_TAPS))]
     except (OSError, RuntimeError, ValueError, KeyError) as error:
         raise SystemExit(f"evaluate.py --lpips: {error}. {needs}") from None
-    return LPIPS(features, calibration)
+    return LPIPS(features, calibration)                                                 # in eval mode, frozen
 
 
-# ---------------------------------------------------------------------------------------------
-# Result tables (Tables II, III, IV-V, IX)
-# ---------------------------------------------------------------------------------------------
+# --- Result tables (Tables II, III, IV-V, IX) ----------------------------------------------------------------------
 
 def _denoise(benchmark, sigmas):
     return [(benchmark, "denoise", sigma) for sigma in sigmas]
 
 
-# layout → (paper table, columns as (benchmark, task, σ)).
-LAYOUTS = {
-    "N+H+R": ("Table II", _denoise("CBSD68", (15, 25, 50))
-              + [("SOTS", "dehaze", None), ("Rain100L", "derain", None)]),
-    "N+H+R+B+L": ("Table III", _denoise("CBSD68", (25,))
-                  + [("SOTS", "dehaze", None), ("Rain100L", "derain", None),
-                     ("GoPro", "deblur", None), ("LOL", "lowlight", None)]),
-    "one-by-one": ("Tables IV-V", _denoise("CBSD68", (15, 25, 50)) + _denoise("Urban100", (15, 25, 50))
-                   + _denoise("Kodak24", (15, 25, 50))
-                   + [("SOTS", "dehaze", None), ("Rain100L", "derain", None),
-                      ("GoPro", "deblur", None), ("LOL", "lowlight", None)]),
+PAIRED = [("SOTS", "dehaze", None), ("Rain100L", "derain", None), ("GoPro", "deblur", None), ("LOL", "lowlight", None)]
+LAYOUTS = {                                      # layout → (paper table, columns as (benchmark, task, σ))
+    "N+H+R": ("Table II", _denoise("CBSD68", (15, 25, 50)) + PAIRED[:2]),
+    "N+H+R+B+L": ("Table III", _denoise("CBSD68", (25,)) + PAIRED),
+    "one-by-one": ("Tables IV-V", [c for s in ("CBSD68", "Urban100", "Kodak24") for c in _denoise(s, (15, 25, 50))]
+                   + PAIRED),
     "unseen-noise": ("Table IX", _denoise("CBSD68", (60, 100)) + _denoise("Urban100", (60, 100))),
 }
 AVERAGE_OF_SETS = "Average (mean of set means)"
@@ -281,7 +243,7 @@ class SetResult:
     num_images = property(lambda self: len(self.psnr))
 
     def mean(self, metric):
-        values = getattr(self, metric)
+        values = getattr(self, metric)                                                  # a list of per-image values
         return sum(values) / len(values)
 
     def heading(self, benchmark=None):
@@ -294,63 +256,58 @@ def _cell(means):
 
 
 def _write_atomic(path, text):
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + ".tmp")                                            # written whole or not at all
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
 class ResultTable:
     """Per-set PSNR/SSIM (and LPIPS) of one method in one metric convention, in the paper's layouts.
-
-    `add(set_name, task, sigma, psnr, ssim, lpips=None, names=None)` may be called once per set or per
-    batch (values of the same set and σ are appended). A layout column (benchmark, task, σ) takes the
-    result of that task and σ whose set name, up to its first "-", is the benchmark name
-    (case-insensitive): "SOTS-outdoor-mini" fills the SOTS column and is named in its heading.
-    `layout=None` gives one column per set added, in order (any subset, e.g. Table XIII's "N+H").
-    `protocol` says how the images were restored ("whole images" or "tiled 512, overlap 32").
-    """
+    `add(...)` appends values of a set and σ (per set or per batch). A layout column (benchmark, task, σ)
+    takes the set of that task and σ whose name, up to its first "-", is the benchmark's: "SOTS-outdoor-mini"
+    fills SOTS. `layout=None`: one column per set. `protocol`: "whole images" or "tiled 512, overlap 32"."""
 
     def __init__(self, convention, method="Perceive-IR", protocol="whole images", lpips=False):
-        if convention not in CONVENTIONS:
+        if convention not in CONVENTIONS:                                     # a typo would silently change the numbers
             raise ValueError(f"unknown metric convention {convention!r}; choose one of {list(CONVENTIONS)}")
         self.convention, self.method, self.protocol, self.sets = convention, method, protocol, []
-        self.metrics = ("psnr", "ssim", "lpips") if lpips else ("psnr", "ssim")
+        self.metrics = ("psnr", "ssim", "lpips") if lpips else ("psnr", "ssim")         # the columns of every cell
 
     @property
     def header(self):
         return CONVENTIONS[self.convention] + (f" · {LPIPS_NAME}" if "lpips" in self.metrics else "")
 
     def add(self, set_name, task, sigma, psnr_list, ssim_list, lpips_list=None, names=None):
-        if task not in TASKS:
+        if task not in TASKS:                                                           # labels come from data.TASKS
             raise ValueError(f"unknown task {task!r} for {set_name}; choose one of {TASKS}")
-        if sigma is not None and task != "denoise":
+        if sigma is not None and task != "denoise":                                 # σ: denoising alone
             raise ValueError(f"{set_name}: σ is given for {task}, but only denoising adds noise (σ {sigma})")
         values = {"psnr": [float(v) for v in psnr_list], "ssim": [float(v) for v in ssim_list],
                   "lpips": [float(v) for v in lpips_list or []], "names": list(names or [])}
-        if len(values["psnr"]) != len(values["ssim"]) or not values["psnr"]:
+        if len(values["psnr"]) != len(values["ssim"]) or not values["psnr"]:            # one SSIM for each PSNR
             raise ValueError(f"{set_name}: need as many PSNR as SSIM values, at least one, "
                              f"got {len(values['psnr'])} and {len(values['ssim'])}")
         if ("lpips" in self.metrics) != bool(values["lpips"]) or len(values["lpips"]) not in (0, len(values["psnr"])):
             raise ValueError(f"{set_name}: one LPIPS value per image if and only if the table has LPIPS")
-        sigma = None if sigma is None else float(sigma)
+        sigma = None if sigma is None else float(sigma)                                 # 15 and 15.0 are one column
         result = next((r for r in self.sets if (r.set_name, r.task, r.sigma) == (set_name, task, sigma)), None)
         if result is None:
             result = SetResult(set_name, task, sigma)
             self.sets.append(result)
-        for name, new in values.items():
+        for name, new in values.items():                                                # psnr, ssim, lpips, names
             getattr(result, name).extend(new)
         return result
 
     def columns(self, layout=None):
         """[(heading, SetResult or None)] in the layout's order; None marks a set not evaluated."""
-        if layout is None:
+        if layout is None:                                                              # one column per set, in order
             return [(f"{result.heading()} ({result.task})", result) for result in self.sets]
         if layout not in LAYOUTS:
             raise ValueError(f"unknown table layout {layout!r}; choose one of {list(LAYOUTS)} or None")
         columns = LAYOUTS[layout][1]
         if layout == "one-by-one":   # a One-by-One model covers one task: keep the tasks evaluated
             columns = [c for c in columns if any(r.task == c[1] for r in self.sets)]
-        out = []
+        out = []                                                             # (heading, result or None) in layout order
         for benchmark, task, sigma in columns:
             found = [r for r in self.sets if r.task == task and r.sigma == sigma
                      and r.set_name.split("-")[0].lower() == benchmark.lower()]
@@ -363,7 +320,7 @@ class ResultTable:
 
     def averages(self, layout=None):
         """Both averages over the evaluated columns: {label: ({metric: mean}, count)}, or {} if none."""
-        evaluated = [r for _, r in self.columns(layout) if r is not None]
+        evaluated = [r for _, r in self.columns(layout) if r is not None]               # columns that were evaluated
         if not evaluated:
             return {}
         of_sets = {m: sum(r.mean(m) for r in evaluated) / len(evaluated) for m in self.metrics}
@@ -373,7 +330,7 @@ class ResultTable:
 
     def markdown(self, layout=None):
         columns, averages = self.columns(layout), self.averages(layout)
-        header = [self.header] + [h for h, _ in columns] + list(averages)
+        header = [self.header] + [h for h, _ in columns] + list(averages)               # convention (and LPIPS) first
         scores = [self.method] + [_cell({m: r.mean(m) for m in self.metrics}) if r else "-" for _, r in columns]
         counts = ["images"] + [str(r.num_images) if r else "-" for _, r in columns]
         for label, (means, n) in averages.items():
@@ -382,7 +339,7 @@ class ResultTable:
         source = "every set evaluated" if layout is None else f"{layout}, layout of {LAYOUTS[layout][0]}"
         lines = [f"**{self.method}: {source}; {self.protocol}**", ""]
         lines += ["| " + " | ".join(row) + " |" for row in (header, ["---"] * len(header), scores, counts)]
-        missing = sum(r is None for _, r in columns)
+        missing = sum(r is None for _, r in columns)                               # columns of the layout not evaluated
         if missing:
             lines += ["", f"'-': not evaluated; the averages cover the {len(columns) - missing} "
                           f"evaluated columns of {len(columns)}."]
@@ -390,34 +347,28 @@ class ResultTable:
 
     def csv(self, layout=None):
         """One row per column, then the two averages; '-' where a set was not evaluated."""
-        buffer = io.StringIO()
+        buffer = io.StringIO()                                                       # CSV in memory, written atomically
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(["column", "set", "task", "sigma", "images", *self.metrics, "convention", "protocol"])
         for heading, r in self.columns(layout):
             values = [r.num_images, *(r.mean(m) for m in self.metrics)] if r else ["-"] * (1 + len(self.metrics))
             writer.writerow([heading, r.set_name if r else "-", r.task if r else "-",
-                             "" if r is None or r.sigma is None else f"{r.sigma:g}", *values, self.header, self.protocol])
+                             "" if r is None or r.sigma is None else f"{r.sigma:g}", *values, self.header,
+                             self.protocol])
         for label, (means, n) in self.averages(layout).items():
             writer.writerow([label, "", "", "", n, *means.values(), self.header, self.protocol])
         return buffer.getvalue()
 
     def to_json(self, layout=None):
-        """Everything, per-image values included; `from_json` rebuilds the table."""
+        """Everything, per-image values (and names) included."""
         return {"method": self.method, "convention": self.convention, "header": self.header,
                 "protocol": self.protocol, "layout": layout,
                 "averages": {label: {**means, "count": n} for label, (means, n) in self.averages(layout).items()},
                 "sets": [asdict(r) for r in self.sets]}
 
-    @classmethod
-    def from_json(cls, data):
-        table = cls(data["convention"], data["method"], data["protocol"], lpips=LPIPS_NAME in data["header"])
-        for r in data["sets"]:
-            table.add(r["set_name"], r["task"], r["sigma"], r["psnr"], r["ssim"], r["lpips"], r["names"])
-        return table
-
     def write(self, directory, layout=None, stem=None):
         """Write <stem>.md, .csv and .json (per-image values included) atomically; return the paths."""
-        directory = Path(directory)
+        directory = Path(directory)                                                     # created if absent
         directory.mkdir(parents=True, exist_ok=True)
         stem = stem or f"results_{layout or 'all'}_{self.convention}"
         paths = [directory / f"{stem}.{suffix}" for suffix in ("md", "csv", "json")]
@@ -427,9 +378,7 @@ class ResultTable:
         return paths
 
 
-# ---------------------------------------------------------------------------------------------
-# Restoring the test sets with a trained checkpoint, or scoring another method's outputs
-# ---------------------------------------------------------------------------------------------
+# --- Restoring the test sets with a trained checkpoint, or scoring another method's outputs ------------------------
 
 # Peak memory of one whole-image pass of the paper config (float32, DINOv2 included), from two sizes
 # measured by `python tests/benchmark.py` on the CPU: it grows linearly with the pixels.
@@ -446,18 +395,18 @@ class Restorer:
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dino_weights=None, **options):
-        checkpoint = train.load_checkpoint(path, flag="--checkpoint")
+        checkpoint = train.load_checkpoint(path, flag="--checkpoint")                   # read once, weights_only
         if checkpoint["stage"] != "restore":
             raise SystemExit(f"--checkpoint {path} is a {checkpoint['stage']!r} checkpoint; pass one of "
                              "`train.py --stage restore` (its restore/last.pt)")
         config = checkpoint["args"]
-        model = train.build_model(config)
+        model = train.build_model(config)                                       # rebuilt from the checkpoint's own args
         missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
         if missing or unexpected:
             raise SystemExit(f"--checkpoint {path} does not match the model its own args describe "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]}): it was written by "
                              f"another version of this code; check out its commit ({checkpoint.get('git_commit')})")
-        sgm = None
+        sgm = None                                                                # no DINOv2 for the unguided ablations
         if model.guided and model.use_dino:
             sgm = build_sgm(config["dino"], dino_weights or config.get("dino_weights")).to(device)
         return cls(model.to(device), sgm, config, centroids=checkpoint.get("centroids"), **options)
@@ -472,7 +421,7 @@ class Restorer:
 
 
 def auto_layout(tasks, sigmas):
-    if set(sigmas) <= {60, 100}:
+    if set(sigmas) <= {60, 100}:                                                        # Table IX: σ 60 and 100 only
         return "unseen-noise"
     layouts = {("denoise", "dehaze", "derain"): "N+H+R", tuple(TASKS): "N+H+R+B+L"}
     return layouts.get(tuple(tasks), "one-by-one" if len(tasks) == 1 else None)
@@ -481,18 +430,18 @@ def auto_layout(tasks, sigmas):
 def score_into(tables, test_set, pairs, run, lpips=None):
     """Score (name, restored, target) pairs of one test set in every convention (and LPIPS) and add
     them to `tables`; under torchrun each rank scores its share and the shares are gathered."""
-    rows = []
+    rows = []                                                                           # one row per image of this rank
     for name, restored, target in pairs:
         row = {"name": name, "lpips": lpips(restored.clamp(0, 1), target).item() if lpips else None}
-        for convention in tables:
+        for convention in tables:                                           # every convention from the same restoration
             metrics = compute_metrics_per_image(restored.cpu(), target.cpu(), convention)
             row[convention] = (metrics["psnr"][0], metrics["ssim"][0])
         rows.append(row)
     if run.distributed:                                      # every rank's images, on every rank
-        shares = [None] * run.world
+        shares = [None] * run.world                                                     # one share per rank
         dist.all_gather_object(shares, rows)
         rows = [row for share in shares for row in share]
-    if rows:
+    if rows:                                                                            # a rank may have had no image
         for convention, table in tables.items():
             table.add(test_set.name, test_set.task, test_set.sigma, [r[convention][0] for r in rows],
                       [r[convention][1] for r in rows], [r["lpips"] for r in rows] if lpips else None,
@@ -501,18 +450,19 @@ def score_into(tables, test_set, pairs, run, lpips=None):
 
 def restored_pairs(restorer, test_set, run, save_dir=None):
     """(name, I_r, I_g) of this rank's share of a test set, each image restored whole unless --tile."""
-    for index in range(run.rank, len(test_set), run.world):
+    for index in range(run.rank, len(test_set), run.world):                  # every world-th image: ranks share the set
         item = test_set[index]
         degraded, target = item["degraded"][None].to(run.device), item["target"][None].to(run.device)
         try:
-            restored = restorer(degraded)
+            restored = restorer(degraded)                                               # whole, unless --tile
         except torch.cuda.OutOfMemoryError:
             H, W = degraded.shape[-2:]
             raise SystemExit(f"{test_set.name}/{item['name']} ({W}×{H}) does not fit in GPU memory as a whole "
                              "image (the paper's protocol): pass --tile 512, and the tables will say "
                              "'tiled 512, overlap 32'") from None
         if save_dir:                                         # the layout --pred reads back
-            data.write_image(Path(save_dir) / prediction_folder(test_set) / f"{Path(item['name']).stem}.png", restored[0])
+            data.write_image(Path(save_dir) / prediction_folder(test_set) / f"{Path(item['name']).stem}.png",
+                             restored[0])
         yield item["name"], restored, target
 
 
@@ -525,13 +475,10 @@ def prediction_pairs(folder, test_set, problems):
     matched by stem through data.py's name rules (a RESIDE 0001_0.8_0.2.png scores against 0001).
     Missing, extra and size-mismatched files are named in `problems`; nothing is skipped silently."""
     if not folder.is_dir():
-        problems.append(f"{folder}: missing; expected the {len(test_set)} restored images of {test_set.name}")
-        return
-    lookup = {}                                               # input and target stems → test image
-    for index, (source, target) in enumerate(test_set.pairs):
-        lookup.setdefault((source or target).stem, index)
-        lookup.setdefault(target.stem, index)
-    matched = {}
+        return problems.append(f"{folder}: missing; expected the {len(test_set)} restored images of {test_set.name}")
+    lookup, matched = {}, {}                                  # input and target stems → test image
+    for index, (source, target) in enumerate(test_set.pairs):                   # stems of inputs and targets both match
+        lookup.update({stem: lookup.get(stem, index) for stem in ((source or target).stem, target.stem)})
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES):
         index = next((lookup[s] for s in data.target_stems(path.stem) if s in lookup), None)
         if index is None or index in matched:
@@ -539,13 +486,13 @@ def prediction_pairs(folder, test_set, problems):
                             f"in {test_set.name}")
         else:
             matched[index] = path
-    for index, (source, target) in enumerate(test_set.pairs):
+    for index, (source, target) in enumerate(test_set.pairs):                           # every test image must have one
         if index not in matched:
             problems.append(f"{folder}: no prediction for {(source or target).name}")
             continue
         target_image, prediction = test_set[index]["target"], data.read_image(matched[index])
         if prediction.shape != target_image.shape:
-            (h, w), (th, tw) = prediction.shape[-2:], target_image.shape[-2:]
+            (h, w), (th, tw) = prediction.shape[-2:], target_image.shape[-2:]           # (H, W) of both
             problems.append(f"size mismatch: {matched[index]} is {w}x{h}, its target {tw}x{th} "
                             "(outputs of PromptIR's protocol need --crop-multiple 16)")
             continue
@@ -553,14 +500,14 @@ def prediction_pairs(folder, test_set, problems):
 
 
 def write_tables(tables, args, tasks, run):
-    layout = args.layout or auto_layout(tasks, args.sigmas)
+    layout = args.layout or auto_layout(tasks, args.sigmas)                         # the paper's layout for these tasks
     for table in tables.values():
         try:                                              # sets that are not the paper's: one column each
             if layout and not any(result for _, result in table.columns(layout)):
                 layout = None
         except ValueError:
             layout = None
-        if run.master:
+        if run.master:                                                                  # one writer
             print(table.markdown(layout))
             table.write(args.results, layout)
     run.print0(f"tables written to {args.results}/")
@@ -570,25 +517,20 @@ def largest_image_note(test_sets, config):
     """Print the largest test image and what a whole-image pass of it needs: a CPU that runs out of
     memory is killed without a message, so say it before the first image."""
     from PIL import Image
-    sizes = [(Image.open(target).size, test_set.name, target.name) for test_set in test_sets
-             for _, target in test_set.pairs]
-    if not sizes:
-        return
-    (W, H), set_name, name = max(sizes, key=lambda s: s[0][0] * s[0][1])
-    need = WHOLE_IMAGE_GB["base"] + WHOLE_IMAGE_GB["per_megapixel"] * W * H / 1e6
+    sizes = [(Image.open(target).size, s.name, target.name) for s in test_sets for _, target in s.pairs]
+    (W, H), set_name, name = max(sizes, key=lambda size: size[0][0] * size[0][1], default=((0, 0), "", ""))
+    need = WHOLE_IMAGE_GB["base"] + WHOLE_IMAGE_GB["per_megapixel"] * W * H / 1e6      # a line in the pixels
     scale = "paper config" if config.get("backbone_config") == "paper" else "paper config; this smaller one needs less"
     print(f"largest test image: {set_name}/{name}, {W}×{H}; a whole-image pass needs about {need:.1f} GB "
           f"({scale}, measured on a CPU; on a GPU, running out names the image and --tile)")
 
 
-# ---------------------------------------------------------------------------------------------
-# Your own images, and what the model perceived in them (Sec. III-C.2, Eq. 9)
-# ---------------------------------------------------------------------------------------------
+# --- Your own images, and what the model perceived in them (Sec. III-C.2, Eq. 9) -----------------------------------
 
 def output_names(paths):
     """{input: output file name}: the stem, or stem_suffix where inputs share a stem (img.bmp and
     img.tif → img_bmp.png, img_tif.png). Names that would still collide are refused up front."""
-    stems = [p.stem for p in paths]
+    stems = [p.stem for p in paths]                                                     # stems of all inputs
     names = {p: f"{p.stem}.png" if stems.count(p.stem) == 1 else f"{p.stem}_{p.suffix[1:].lower()}.png" for p in paths}
     if len(set(names.values())) < len(names):
         raise SystemExit(f"--input: {len(names) - len(set(names.values()))} output name(s) would collide "
@@ -597,55 +539,53 @@ def output_names(paths):
 
 
 def restore_files(restorer, inputs, output_dir, grid=False, perceiver=None, device="cpu"):
-    """Restore a file or every image of a folder into `output_dir` as PNG, and write perception.json:
-    per image, the task whose centroid of Z is nearest, the similarity to every task, a flag when
-    none is close, and P(excellent) of input and output (--prompts). Unreadable files are named and
-    skipped. Returns the number of skipped files."""
+    """Restore a file or a folder's images into `output_dir` as PNG, and write perception.json: per image, the
+    nearest task centroid of Z, the similarity to each, an unfamiliar flag, P(excellent) (--prompts).
+    Unreadable files are named and skipped; returns how many."""
     inputs, output_dir = Path(inputs), Path(output_dir)
-    if not inputs.exists():
+    if not inputs.exists():                                                    # a clear error before anything is loaded
         raise SystemExit(f"--input {inputs}: no such file or folder")
     paths = [inputs] if inputs.is_file() else sorted(p for p in inputs.iterdir()
                                                      if p.suffix.lower() in data.IMAGE_SUFFIXES)
     if not paths:
         raise SystemExit(f"--input {inputs}: no PNG, JPEG, WebP, BMP or TIFF images in it")
     names, report, skipped = output_names(paths), {}, []
-    if restorer.centroids is None:
+    if restorer.centroids is None:                                             # --no-cfe / --no-guidance runs have none
         print("perception: this checkpoint holds no centroids of Z (trained with --no-cfe or --no-guidance, or "
               "by an older version): images are restored, but no degradation type is reported")
-    for path in paths:
+    for path in paths:                                                                  # one at a time: any size fits
         try:
             degraded = data.read_image(path)[None].to(device)
         except ValueError as error:                           # one bad file must not cost the others
             print(f"SKIPPED {path.name}: {error}")
             skipped.append(path.name)
             continue
-        start = time.perf_counter()
+        start = time.perf_counter()                                                     # time of this image alone
         restored = restorer(degraded)
         data.write_image(output_dir / names[path], restored[0])
-        if grid:
-            torchvision.utils.save_image(torch.cat([degraded, restored], dim=-1), output_dir / f"{Path(names[path]).stem}_grid.png")
-        entry = {"output": names[path]}
+        if grid:                                             # input | output, side by side
+            grid_path = output_dir / f"{Path(names[path]).stem}_grid.png"
+            torchvision.utils.save_image(torch.cat([degraded, restored], dim=-1), grid_path)
+        entry = {"output": names[path]}                                                # what perception.json says of it
         line = f"{path.name}: {degraded.shape[-1]}x{degraded.shape[-2]} restored in {time.perf_counter() - start:.1f} s"
         if restorer.centroids is not None:                   # the type of degradation it perceived
             entry.update(perceive(restorer.model, restorer.centroids, degraded)[0])
             line += f" | perceived: {entry['task']}" + (" (unfamiliar)" if entry["unfamiliar"] else "")
         if perceiver is not None:                            # the stage-1 quality perceiver
-            with torch.no_grad():
+            with torch.no_grad():                                                       # P(excellent) of Eq. (9)
                 before, after = (perceiver(x)[0, perceiver.excellent_index].item() for x in (degraded, restored))
             entry["p_excellent"] = {"input": before, "output": after}
             line += f" | P(excellent) {before:.3f} -> {after:.3f}"
         report[path.name] = entry
         print(line, flush=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)                                     # also when every file was skipped
     _write_atomic(output_dir / "perception.json", json.dumps(report, indent=1) + "\n")
     print(f"restored {len(report)} image(s) into {output_dir}; skipped {len(skipped)}"
           + (f": {', '.join(skipped)}" if skipped else ""))
     return len(skipped)
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
+# --- Command line --------------------------------------------------------------------------------------------------
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate Perceive-IR on the paper's test sets, score any method's "
@@ -681,20 +621,18 @@ def get_args(argv=None):
     add("--tile-overlap", type=int, default=32, help="overlap between tiles, blended linearly")
     add("--prior-size", type=int, default=1024, help="CFE sees the whole image, resized above this long side")
     add("--dino-weights", help="local DINOv2 weights (default: those the checkpoint was trained with)")
-    args = parser.parse_args(argv)
-    if args.pred and args.checkpoint:
-        raise SystemExit("evaluate.py: --pred scores a folder of restored images and --checkpoint restores the "
-                         "test sets; pass one of them")
-    if args.target and not args.pred:
-        raise SystemExit("evaluate.py: --target goes with --pred (a folder of restored images)")
-    try:
+    args = parser.parse_args(argv)                                                      # no parsing at import time
+    try:                                                  # bad values: one line, before anything is loaded
         args.task_names = data.parse_tasks(args.tasks)
     except ValueError as error:
         raise SystemExit(f"evaluate.py: {error}") from None
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"evaluate.py: --device {args.device}: no CUDA device here; use --device cpu")
-    if args.target and len(args.task_names) != 1:
-        raise SystemExit(f"evaluate.py: --target scores one set: name its task with --tasks (got {args.tasks})")
+    for wrong, message in ((args.pred and args.checkpoint, "--pred scores restored images, --checkpoint restores: "
+                            "pass one of them"), (args.target and not args.pred, "--target goes with --pred"),
+                           (args.target and len(args.task_names) != 1, "--target scores one set: name its --tasks"),
+                           (args.device.startswith("cuda") and not torch.cuda.is_available(),
+                            f"--device {args.device}: no CUDA device here; use --device cpu")):
+        if wrong:
+            raise SystemExit(f"evaluate.py: {message}")
     return args
 
 
@@ -702,19 +640,19 @@ def score_predictions(args, run, lpips):
     """--pred: another method's restored images, scored as Perceive-IR's are; returns the problem count."""
     tables = {c: ResultTable(c, args.method or Path(args.pred).name, "predictions as given", lpips is not None)
               for c in args.conventions}
-    problems, crop = [], args.crop_multiple or None
+    problems, crop = [], args.crop_multiple or None                            # PromptIR's protocol: --crop-multiple 16
     if args.target:                                           # one pair of folders: predictions → targets
-        sizes, pred = {}, Path(args.pred)
+        pred = Path(args.pred)                               # data.py's name rules pair them
         pairs = data.pair_folder(sorted(p for p in pred.iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES),
-                                 pred, Path(args.target), problems, sizes)
-        test_set = data.TestSet(Path(args.target).parent.name or Path(args.target).name, args.task_names[0],
-                                pairs, None, crop)
-        score_into(tables, test_set, ((i["name"], i["degraded"][None], i["target"][None]) for i in test_set), run, lpips)
+                                 pred, Path(args.target), problems, {})
+        test_set = data.TestSet(Path(args.target).absolute().parent.name, args.task_names[0], pairs, None, crop)
+        pairs = ((item["name"], item["degraded"][None], item["target"][None]) for item in test_set)   # I_r = input
+        score_into(tables, test_set, pairs, run, lpips)
     else:
         for test_set in data.build_test_sets(args.data_root, args.task_names, args.sigmas, crop):
             score_into(tables, test_set, prediction_pairs(Path(args.pred) / prediction_folder(test_set), test_set,
                                                           problems), run, lpips)
-    for problem in problems:
+    for problem in problems:                                                            # nothing is skipped silently
         run.print0(f"PROBLEM: {problem}")
     if any(table.sets for table in tables.values()):
         write_tables(tables, args, args.task_names, run)
@@ -723,7 +661,7 @@ def score_predictions(args, run, lpips):
 
 
 def main(args):
-    run = train.Run(args.device)
+    run = train.Run(args.device)                                                        # honours --device (cpu, cuda)
     lpips = build_lpips(args.vgg_weights, args.lpips_weights).to(run.device) if args.lpips else None
     try:
         if args.pred:
@@ -733,7 +671,7 @@ def main(args):
         restorer = Restorer.from_checkpoint(args.checkpoint, run.device, args.dino_weights, overlap=args.tile_overlap,
                                             prior_size=args.prior_size)
         if args.input:                                        # your own images: tiles above 512 px by default
-            restorer.tile = 512 if args.tile is None else args.tile or None
+            restorer.tile = 512 if args.tile is None else args.tile or None             # own images: tiles above 512 px
             perceiver = (clip_prompts.QualityPerceiver.from_checkpoint(args.prompts, args.clip_weights, run.device)
                          if args.prompts else None)
             return 1 if restore_files(restorer, args.input, args.output, args.grid, perceiver, run.device) else 0
@@ -741,16 +679,16 @@ def main(args):
             raise SystemExit("evaluate.py: pass --data-root with test sets, or --input with your own images")
         restorer.tile = args.tile or None                      # test sets: whole images, the paper's protocol
         test_sets = data.build_test_sets(args.data_root, args.task_names, args.sigmas, args.crop_multiple or None)
-        if run.master:
+        if run.master:                                                                 # the note before the first image
             largest_image_note(test_sets, restorer.config)
         tables = {c: ResultTable(c, args.method or "Perceive-IR", restorer.protocol, lpips is not None)
                   for c in args.conventions}
-        for test_set in test_sets:
+        for test_set in test_sets:                                                      # each set, then its tables
             score_into(tables, test_set, restored_pairs(restorer, test_set, run, args.save_images), run, lpips)
         if run.distributed:                                    # each rank restored its share only
             print(f"rank {run.rank}: restored {restorer.images} of {sum(len(s) for s in test_sets)} test images",
                   flush=True)
-        write_tables(tables, args, args.task_names, run)
+        write_tables(tables, args, args.task_names, run)                                # rank 0 prints and writes
         run.print0(f"checkpoint {args.checkpoint}; {restorer.protocol}")
         return 0
     finally:
