@@ -25,9 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ---------------------------------------------------------------------------------------------
-# Restormer building blocks (Sec. III-C.1; Zamir et al. 2022, Sec. 3.1-3.2)
-# ---------------------------------------------------------------------------------------------
+# --- Restormer building blocks (Sec. III-C.1; Zamir et al. 2022, Sec. 3.1-3.2) -------------------------------------
 
 class LayerNorm(nn.Module):
     """LayerNorm over channels at every pixel of a (B, C, H, W) map.
@@ -180,9 +178,7 @@ def check_image(image, channels, who):
                          f"(shape {tuple(image.shape)}). Convert grayscale to RGB first.")
 
 
-# ---------------------------------------------------------------------------------------------
-# Restormer (Eq. 4; Sec. IV-A.4 config)
-# ---------------------------------------------------------------------------------------------
+# --- Restormer (Eq. 4; Sec. IV-A.4 config) -------------------------------------------------------------------------
 
 class OverlapPatchEmbed(nn.Module):
     """The shallow 3×3 conv of Eq. (4): I_d (B, 3, H, W) → X_s (B, C, H, W)."""
@@ -299,9 +295,7 @@ class Restormer(nn.Module):
         return x[..., :H, :W]
 
 
-# ---------------------------------------------------------------------------------------------
-# NAFNet (Chen et al., ECCV 2022), the second backbone of Table XV
-# ---------------------------------------------------------------------------------------------
+# --- NAFNet (Chen et al., ECCV 2022), the second backbone of Table XV ----------------------------------------------
 
 class LayerNorm2d(nn.Module):
     """NAFNet's channel LayerNorm (eps 1e-6) on a (B, C, H, W) map."""
@@ -426,9 +420,7 @@ class NAFNet(nn.Module):
         return x[..., :H, :W]
 
 
-# ---------------------------------------------------------------------------------------------
-# Named configs (Sec. IV-A.4, Table XV) and tiled inference
-# ---------------------------------------------------------------------------------------------
+# --- Named configs (Sec. IV-A.4, Table XV) and tiled inference -----------------------------------------------------
 
 CONFIGS = {
     # Sec. IV-A.4: blocks [4, 6, 6, 8], heads [1, 2, 4, 8], channels [48, 96, 192, 384], 4 refinement.

@@ -50,9 +50,7 @@ FOLDS = ("a", "b")
 SOT, EOT = open_clip.tokenize([""])[0, :2].tolist()     # start / end-of-text token ids
 
 
-# ---------------------------------------------------------------------------------------------
-# The frozen CLIP (Sec. IV-A.4: ViT-B/32)
-# ---------------------------------------------------------------------------------------------
+# --- The frozen CLIP (Sec. IV-A.4: ViT-B/32) -----------------------------------------------------------------------
 
 # Every config is built by open_clip's own factory from the OpenAI ViT-B/32 recipe; OpenAI's
 # weights were trained with QuickGELU, so the "-quickgelu" variant is the faithful architecture.
@@ -133,9 +131,7 @@ def encode_images(clip_model, images, batch_size=64):
     return torch.cat(features)
 
 
-# ---------------------------------------------------------------------------------------------
-# Learnable prompts (Sec. III-B, Table XII) through CLIP's text tower
-# ---------------------------------------------------------------------------------------------
+# --- Learnable prompts (Sec. III-B, Table XII) through CLIP's text tower -------------------------------------------
 
 def encode_prompts(clip_model, embeddings, truncate=True):
     """Text features Φ_T(T_k) (K, D), L2-normalised, of prompts given as token embeddings (K, N, D_text).
@@ -201,9 +197,7 @@ class PromptLearner(nn.Module):
         return encode_prompts(self.clip, self.embeddings, truncate)                # (K, D)
 
 
-# ---------------------------------------------------------------------------------------------
-# Eq. (1) and the cached training step
-# ---------------------------------------------------------------------------------------------
+# --- Eq. (1) and the cached training step --------------------------------------------------------------------------
 
 def prompt_logits(image_features, text_features, logit_scale):
     """logit_scale · S(Φ_I(I_i), Φ_T(T_k)): (B, D) × (K, D) → (B, K). `logit_scale` is the
@@ -306,9 +300,7 @@ def prompt_step(learner, optimizer, image_features, labels, logit_scale, truncat
     return loss.item(), accuracy.item()
 
 
-# ---------------------------------------------------------------------------------------------
-# The quality perceiver (used by Eq. 9 and evaluation) and the prompt checkpoint
-# ---------------------------------------------------------------------------------------------
+# --- The quality perceiver (used by Eq. 9 and evaluation) and the prompt checkpoint --------------------------------
 
 class QualityPerceiver(nn.Module):
     """P(level | image): frozen CLIP image tower + the fixed stage-1 prompt features (Fig. 5(a)).
@@ -389,9 +381,7 @@ def load_prompts(path):
     return checkpoint
 
 
-# ---------------------------------------------------------------------------------------------
-# Medium-quality images I_m by 2-fold cross-validation (Sec. III-B, Table XIV)
-# ---------------------------------------------------------------------------------------------
+# --- Medium-quality images I_m by 2-fold cross-validation (Sec. III-B, Table XIV) ----------------------------------
 
 def two_fold_split(samples):
     """"We divide the degraded inputs equally into two subsets" (Sec. III-B) → (fold_a, fold_b).
@@ -509,9 +499,7 @@ def read_medium_manifest(medium_dir):
     return manifest
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line: quality scores and a self-check
-# ---------------------------------------------------------------------------------------------
+# --- Command line: quality scores and a self-check -----------------------------------------------------------------
 
 def score(args):
     import data                                    # image reading is data.py's job

@@ -1,15 +1,14 @@
 """Training and test data of Perceive-IR (Sec. IV-A.1, Sec. IV-A.4, Table I, Table IX, Table XIII).
 
 Perceive-IR trains on a mix of degradations and is tested on one at a time (Sec. IV-A.1). Noise is
-added on the fly to clean images; haze, rain, blur and low light come as (degraded, clean) pairs.
-Task sizes differ a hundredfold (Table I: 72,135 hazy pairs, 200 rainy ones), so each task is
-repeated by a resampling ratio (Sec. IV-A.4).
+added on the fly to clean images; haze, rain, blur and low light come as (degraded, clean) pairs,
+each task repeated by a resampling ratio (Sec. IV-A.4: Table I's sizes differ a hundredfold).
 
 What is in here:
 - `read_image`, `write_image`: PNG, JPEG, WebP, GIF, BMP, TIFF, 8 or 16 bit, as RGB in [0, 1].
 - `scan_training_set`: finds each task (three layouts), pairs and checks every file before training.
-- `TrainDataset`: resampled flipped crops, L_cl's positive (Eq. 12), L_dpl's negatives (Eq. 11).
-- `TripletDataset`: (I_d, I_m, I_g) of stage 1 (Eq. 1); `build_test_sets`: Tables II-V, IX, XIII.
+- `TrainDataset`: resampled flipped crops, L_cl's positive (Eq. 12), L_dpl's negatives (Eq. 11), the probe
+  of Eq. (10); `TripletDataset`: (I_d, I_m, I_g) of stage 1 (Eq. 1); `build_test_sets`: Tables II-V, IX, XIII.
 - `make_demo_data`, `synthetic_*`: an offline data set of all five degradations.
 - `python data.py --check ROOT | --make-demo DIR`; no argument: a self-check.
 
@@ -18,18 +17,15 @@ Layouts, detected per task under `--data-root`:
   authors   train/Denoise/gt/…,  train/{Dehaze,Derain,Deblur,Enhance}/{input,gt}/…
   promptir  Train/Denoise/…, Train/Dehaze/{synthetic,original}/…, Train/Derain/{rainy,gt}/…, with
             data_dir/{noisy/denoise.txt, hazy/hazy_outside.txt, rainy/rainTrain.txt} (optional)
-An input finds its target by name, or by RESIDE's (0001_0.8_0.2.jpg → 0001.*) or Rain100L's
-(rain-1.png → norain-1.png) naming.
+An input finds its target by name, or by RESIDE's (0001_0.8_0.2.jpg → 0001.*) or Rain100L's naming.
 """
 
 import argparse
 import math
 import tempfile
-import time
 import warnings
 import zlib
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import defaultdict, namedtuple
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -44,15 +40,14 @@ SIGMAS = (15, 25, 50)                                               # Sec. IV-A.
 UNSEEN_SIGMAS = (60, 100)                                           # Table IX
 RESAMPLE = {"denoise": 3, "dehaze": 1, "derain": 120, "deblur": 5, "lowlight": 200}   # Sec. IV-A.4
 TABLE_I = {"denoise": 400 + 4744, "dehaze": 72135, "derain": 200, "deblur": 2103, "lowlight": 485}
-TEST_SETS = {"denoise": ("CBSD68", "Urban100", "Kodak24"), "dehaze": ("SOTS",), "derain": ("Rain100L",),
-             "deblur": ("GoPro",), "lowlight": ("LOL",)}                          # Table I, testing
-TABLE_I_TEST = {"CBSD68": 68, "Urban100": 100, "Kodak24": 24, "SOTS": 500, "Rain100L": 100, "GoPro": 1111, "LOL": 15}
+TEST_SETS = {"denoise": {"CBSD68": 68, "Urban100": 100, "Kodak24": 24}, "dehaze": {"SOTS": 500},  # Table I,
+             "derain": {"Rain100L": 100}, "deblur": {"GoPro": 1111}, "lowlight": {"LOL": 15}}   # testing sets
 AUTHORS_NAMES = dict(denoise="Denoise", dehaze="Dehaze", derain="Derain", deblur="Deblur", lowlight="Enhance")
 # PromptIR's Train/<Name>: (input folder, target folder, list file); None = clean images only.
 PROMPTIR = {"denoise": (None, ".", "noisy/denoise.txt"), "derain": ("rainy", "gt", "rainy/rainTrain.txt"),
             "dehaze": ("synthetic", "original", "hazy/hazy_outside.txt")}
 TORCHVISION_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif"}
-IMAGE_SUFFIXES = TORCHVISION_SUFFIXES | {".bmp", ".tif", ".tiff"}   # BMP/TIFF: PIL (FACTS.md)
+IMAGE_SUFFIXES = TORCHVISION_SUFFIXES | {".bmp", ".tif", ".tiff"}   # BMP/TIFF: torchvision.io fails, PIL reads
 
 
 def parse_tasks(spec):
@@ -69,19 +64,12 @@ def stratum(task, sigma=0):
     return f"{task}_sigma{sigma:g}" if sigma else task
 
 
-def stratum_order(name):
-    task, _, sigma = name.partition("_sigma")
-    return TASKS.index(task), float(sigma or 0)
-
-
 def _rng(*parts):
     """A numpy generator seeded through crc32, the same in every process (Python's hash() is not)."""
     return np.random.default_rng([zlib.crc32(str(p).encode()) for p in parts])
 
 
-# ---------------------------------------------------------------------------------------------
-# Image I/O and noise
-# ---------------------------------------------------------------------------------------------
+# --- Image I/O and noise -------------------------------------------------------------------------------------------
 
 def read_image(path):
     """An image file → float32 (3, H, W) in [0, 1]; grayscale → RGB, alpha dropped, 16 bit scaled."""
@@ -120,17 +108,11 @@ def add_gaussian_noise(clean, sigma, rng):
     return quantize((clean + noise * (sigma / 255)).clamp(0, 1))
 
 
-# ---------------------------------------------------------------------------------------------
-# Finding and checking the images (Table I)
-# ---------------------------------------------------------------------------------------------
+# --- Finding and checking the images (Table I) ---------------------------------------------------------------------
 
-@dataclass
-class Sample:
-    """One training image; `input_path` is None for clean-only denoising images."""
-    task: str
-    key: str                 # POSIX path below the task folder, without the input/target level
-    input_path: Path | None
-    target_path: Path
+# One training image: its task, its key (POSIX path below the task's input folder, the name of its I_m
+# and negatives), and its files; input_path is None for clean denoising images (noise comes on the fly).
+Sample = namedtuple("Sample", "task key input_path target_path")
 
 
 def _images(folder, problems):
@@ -143,8 +125,7 @@ def _images(folder, problems):
 
 
 def _probe(path, problems, sizes):
-    """Header-level check, no decoding: PIL must recognise the file and read its size, and verify()
-    must pass (PNG: every chunk's CRC, so truncation fails). ~0.05-0.3 ms a file: 80K in < 1 min."""
+    """Header check, no decoding: PIL reads the size and verify() passes (PNG: every chunk's CRC). < 0.3 ms."""
     if path not in sizes:
         try:
             with Image.open(path) as pil:
@@ -157,8 +138,7 @@ def _probe(path, problems, sizes):
 
 
 def target_stems(stem):
-    """The target names an input (or a prediction) may have: its own, Rain100L's rain-N → norain-N,
-    RESIDE's <id>_<A>_<β> → <id>."""
+    """An input's (or prediction's) possible target names: its own, rain-N → norain-N, <id>_<A>_<β> → <id>."""
     return [stem] + ["no" + stem] * stem.startswith("rain-") + [stem.split("_")[0]] * ("_" in stem)
 
 
@@ -229,15 +209,14 @@ def _raise(problems, where):
 
 
 def scan_training_set(root, tasks, split="train", strict=True):
-    """Find, pair and check the images of `tasks` under `root` → (samples, report), where report =
-    {"found": {task: {"layout", "folder", "pairs"}}, "problems": [str]}. Found here, before training:
-    unsupported or corrupt files, inputs without a target, size mismatches, listed files that are
-    missing, empty or missing task folders. strict=True raises them as one ValueError."""
+    """Find, pair and check the images of `tasks` → (samples, {"found": {task: ...}, "problems": [...]}): before
+    training, corrupt or unsupported files, missing targets, size mismatches, missing listed files, empty or
+    missing task folders. strict=True raises them as one ValueError."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--data-root {root} does not exist")
-    samples, sizes, report = [], {}, {"found": {}, "problems": []}
-    problems = report["problems"]
+    samples, sizes, problems = [], {}, []
+    report = {"found": {}, "problems": problems}
     for task in tasks:
         letter = next(k for k, v in TASK_LETTERS.items() if v == task)
         located = _locate(root, split, task, problems)
@@ -281,8 +260,7 @@ def _same_size(image, target, path, target_path):
 
 
 def load_pair(sample, sigmas=SIGMAS):
-    """Full-size (degraded, target, σ). For denoising, σ and the noise are fixed by the key, so the
-    stage-1 medium image rendered from this input and the later triplet see the same noisy image."""
+    """Whole (degraded, target, σ); the noise of a clean image is fixed by its key (I_m and triplets share it)."""
     target = read_image(sample.target_path)
     if sample.input_path is not None:
         degraded = read_image(sample.input_path)
@@ -294,9 +272,7 @@ def load_pair(sample, sigmas=SIGMAS):
     return add_gaussian_noise(target, sigma, _rng(sample.task, sample.key, sigma)), target, sigma
 
 
-# ---------------------------------------------------------------------------------------------
-# Training patches (Sec. IV-A.4) and stage-1 triplets (Sec. III-B)
-# ---------------------------------------------------------------------------------------------
+# --- Training patches (Sec. IV-A.4) and stage-1 triplets (Sec. III-B) ----------------------------------------------
 
 def _pad_to(images, size, path, warned):
     """Reflect-pad equally sized (3, H, W) images to at least size × size; warn once per file."""
@@ -314,11 +290,8 @@ def _pad_to(images, size, path, warned):
 class TrainDataset(torch.utils.data.Dataset):
     """Resampled training patches of the restoration stage (Sec. IV-A.4). Item: "degraded" I_d, "positive"
     (another crop of the same degraded image: L_cl's Z⁺, Eq. 12), "target" I_g, "negatives" (Q, 3, P, P)
-    N_q of Eq. (11) from `<dir>/<task>/<key>.png`, cropped alike, "negative_mask" (Q,), "task", "sigma", "key".
-    Randomness comes from (seed, epoch, index) only: reproducible, different per epoch, and the same
-    whichever DataLoader worker draws the index. Ranks differ because a DistributedSampler hands each
-    index of an epoch to exactly one rank; and a global batch is augmented identically however many
-    processes share it, which is what lets a 2-process run match a 1-process run step for step."""
+    N_q of Eq. (11) from `<dir>/<task>/<key>.png`, cropped alike, "negative_mask" (Q,), "task", "sigma",
+    "stratum", "key". Randomness comes from (seed, epoch, index) only: the same in any worker or process."""
 
     def __init__(self, samples, patch_size=128, negative_dirs=(), resample=None, sigmas=SIGMAS, seed=0):
         self.samples, self.patch_size, self.sigmas = list(samples), patch_size, tuple(sigmas)
@@ -330,16 +303,17 @@ class TrainDataset(torch.utils.data.Dataset):
         self.sample_index = np.repeat(np.arange(len(self.samples)), ratios)
         self.copy_index = np.concatenate([np.arange(r) for r in ratios]) if ratios else np.zeros(0, int)
         # Eq. (10) compares each negative with the avgPSNR of its own stratum: a task, or denoising at one σ.
-        self.strata = sorted({stratum(s.task, sig) for s in self.samples
-                              for sig in (self.sigmas if s.input_path is None else (0,))}, key=stratum_order)
+        strata = {(TASKS.index(s.task), sig) for s in self.samples
+                  for sig in (self.sigmas if s.input_path is None else (0,))}
+        self.strata = [stratum(TASKS[t], sig) for t, sig in sorted(strata)]             # in TASKS order, then σ
         # Which images have a non-easy negative in each folder (Eq. 11); missing ones are masked out.
         self.negative_mask = np.array([[keyed_path(d, s.task, s.key).is_file() for d in self.negative_dirs]
                                        for s in self.samples], dtype=bool).reshape(len(self.samples), -1)
         empty = [str(d) for d, covered in self.coverage() if covered == 0]
         if empty:
             raise ValueError(f"negatives folder {empty[0]}: no negative for any training image. Expected layout: "
-                             "<folder>/<task>/<key>.png, the key being the image's path below its task's "
-                             "input folder (e.g. <folder>/derain/Rain100L/1.png), as --stage medium writes it")
+                             "<folder>/<task>/<key>.png, key = the image's path below its task's input folder "
+                             "(e.g. <folder>/derain/Rain100L/1.png), as --stage medium writes it")
 
     def set_epoch(self, epoch):
         self._epoch.fill_(epoch)
@@ -363,7 +337,8 @@ class TrainDataset(torch.utils.data.Dataset):
         images = [target if sample.input_path is None else read_image(sample.input_path), target]
         _same_size(images[0], target, sample.input_path or sample.target_path, sample.target_path)
         mask = self.negative_mask[sample_index].tolist()
-        for path in (keyed_path(d, sample.task, sample.key) for d, present in zip(self.negative_dirs, mask) if present):
+        for folder in (d for d, present in zip(self.negative_dirs, mask) if present):
+            path = keyed_path(folder, sample.task, sample.key)
             images.append(read_image(path))
             _same_size(images[-1], target, path, sample.target_path)
         degraded, target, *negatives = _pad_to(images, P, sample.input_path or sample.target_path, self.padded)
@@ -388,14 +363,15 @@ class TrainDataset(torch.utils.data.Dataset):
                 "stratum": torch.tensor(self.strata.index(stratum(sample.task, sigma)))}
 
     def probe(self, per_stratum, seed=0):
-        """The fixed patches on which avgPSNR of Eq. (10) is measured: {stratum: (I_d, I_g)}, each
-        (per_stratum, 3, P, P), training images only (never test images), the same on every rank."""
+        """Eq. (10)'s fixed probe: {stratum: (I_d, I_g)} of (per_stratum, 3, P, P) training patches."""
         probe = {}
         for name in self.strata:
             task, sigma = name.split("_sigma")[0], float(name.split("_sigma")[1]) if "_sigma" in name else 0
-            indices = [i for i, s in enumerate(self.samples) if s.task == task and (s.input_path is None) == bool(sigma)]
+            indices = [i for i, s in enumerate(self.samples)               # clean images for a σ stratum
+                       if s.task == task and (s.input_path is None) == (sigma > 0)]
             order = _rng(seed, "probe", name).permutation(indices)       # cycles when a task has few images
-            items = [self.crop(order[n % len(order)], sigma, _rng(seed, "probe", name, n)) for n in range(per_stratum)]
+            items = [self.crop(order[n % len(order)], sigma, _rng(seed, "probe", name, n))
+                     for n in range(per_stratum)]
             probe[name] = tuple(torch.stack([item[k] for item in items]) for k in ("degraded", "target"))
         return probe
 
@@ -405,8 +381,7 @@ class TrainDataset(torch.utils.data.Dataset):
 
 
 class TripletDataset(torch.utils.data.Dataset):
-    """(I_d, I_m, I_g) triplets of the prompt-learning stage (Sec. III-B, Eq. 1), full images; I_m is
-    the stage-1 medium-quality image `<medium_dir>/<task>/<key>.png`."""
+    """(I_d, I_m, I_g) triplets of stage 1 (Sec. III-B, Eq. 1), whole images; I_m is `<medium_dir>/<task>/<key>.png`."""
 
     def __init__(self, samples, medium_dir, sigmas=SIGMAS):
         self.samples, self.sigmas = list(samples), tuple(sigmas)
@@ -426,9 +401,7 @@ class TripletDataset(torch.utils.data.Dataset):
                 "task": torch.tensor(TASKS.index(sample.task)), "key": sample.key}
 
 
-# ---------------------------------------------------------------------------------------------
-# Test protocols (Tables II-V, IX, XIII)
-# ---------------------------------------------------------------------------------------------
+# --- Test protocols (Tables II-V, IX, XIII) ------------------------------------------------------------------------
 
 class TestSet(torch.utils.data.Dataset):
     """One test set at one σ (denoising) or as stored (paired); items {"degraded", "target", "name"}."""
@@ -452,21 +425,14 @@ class TestSet(torch.utils.data.Dataset):
             degraded = add_gaussian_noise(target, self.sigma, _rng("test", name, self.sigma))
         if self.crop_multiple:       # UNSPECIFIED in the paper; PromptIR-family protocol: centre crop to k · m
             (H, W), m = target.shape[-2:], self.crop_multiple
-            top, left = H % m // 2, W % m // 2
-            degraded, target = (i[:, top:top + H // m * m, left:left + W // m * m] for i in (degraded, target))
+            degraded, target = (i[:, H % m // 2:H % m // 2 + H // m * m, W % m // 2:W % m // 2 + W // m * m]
+                                for i in (degraded, target))
         return {"degraded": degraded, "target": target, "name": name}
 
 
-def paper_test_set(task, set_name):
-    """The Table I test set a folder stands for: its name up to the first "-" (SOTS-outdoor-mini → SOTS)."""
-    return next((n for n in TEST_SETS[task] if set_name.split("-")[0].lower() == n.lower()), None)
-
-
 def build_test_sets(root, tasks, sigmas=SIGMAS, crop_multiple=None, problems=None):
-    """Every test set of `tasks` under `root/test` (or `root`): one TestSet per (set, σ) for
-    denoising (CBSD68, Urban100, Kodak24; Table IX: σ = 60, 100), one per set otherwise.
-    Problems (unreadable files, missing targets, size mismatches) raise one ValueError, or are
-    appended to `problems` when a list is given (`--check`)."""
+    """Every test set of `tasks` under `root/test` (or `root`): one TestSet per (set, σ) of clean images (Table IX:
+    σ = 60, 100), one per paired set. Problems raise one ValueError, or are appended to a `problems` list."""
     root = Path(root)
     base = next((root / s for s in ("test", "Test") if (root / s).is_dir()), root)
     test_sets, strict, sizes = [], problems is None, {}
@@ -490,9 +456,7 @@ def build_test_sets(root, tasks, sigmas=SIGMAS, crop_multiple=None, problems=Non
     return test_sets
 
 
-# ---------------------------------------------------------------------------------------------
-# Built-in demo data: procedural clean images and synthetic degradations (no downloads)
-# ---------------------------------------------------------------------------------------------
+# --- Built-in demo data: procedural clean images and synthetic degradations (no downloads) -------------------------
 
 def synthetic_clean_image(rng, height, width):
     """A colour gradient with flat, striped and checkered shapes and a fine texture, 8-bit levels."""
@@ -520,8 +484,8 @@ def _convolve(image, kernel):
 
 
 def motion_kernel(rng, size, direction, turning):
-    """A size × size trajectory kernel summing to 1: 48 unit steps starting along `direction`
-    (radians, 90° = down), each turned by N(0, turning²) noise; turning = 0 draws a straight line."""
+    """A size × size kernel summing to 1: 48 unit steps from `direction` (radians, 90° = down), each turned
+    by N(0, turning²); turning = 0 draws a straight line."""
     velocity, points = np.array([math.sin(direction), math.cos(direction)]), [np.zeros(2)]
     for _ in range(48):
         velocity = velocity + rng.normal(0, turning, 2)
@@ -530,13 +494,12 @@ def motion_kernel(rng, size, direction, turning):
     points = np.array(points) - np.mean(points, axis=0)                         # (49, 2) row, column
     rows, cols = np.round(points * (size // 2) / np.abs(points).max() + size // 2).astype(int).T
     kernel = np.zeros((size, size), np.float32)
-    np.add.at(kernel, (rows, cols), 1.0)
+    np.add.at(kernel, (rows, cols), 1.0)                                          # each step deposits light
     return kernel / kernel.sum()
 
 
 def synthetic_haze(clean, rng):
-    """Atmospheric scattering (how RESIDE is made): I = J·t + A(1 − t), t = e^{−βd}, with depth d
-    growing towards the top of the image plus smooth bumps, β ∈ [0.4, 1.0], A ∈ [0.75, 0.95]."""
+    """Atmospheric scattering (as RESIDE): I = J·t + A(1 − t), t = e^{−βd}, depth d rising to the top."""
     H, W = clean.shape[-2:]
     y, x = np.mgrid[0:H, 0:W].astype(np.float32) / [[[H]], [[W]]]
     waves, phases = rng.uniform(2, 6, 2), rng.uniform(0, 6, 2)
@@ -562,8 +525,7 @@ def synthetic_motion_blur(clean, rng):
 
 
 def synthetic_low_light(clean, rng):
-    """Low light (LOL-like): I = s·J^γ + n, γ ∈ [1.5, 2.5] (shadows darken most), exposure
-    s ∈ [0.1, 0.3], Gaussian sensor noise n of σ ∈ [0.005, 0.02]."""
+    """Low light (LOL-like): I = s·J^γ + n, γ ∈ [1.5, 2.5], exposure s ∈ [0.1, 0.3], noise σ 0.005-0.02."""
     noise = torch.from_numpy(rng.standard_normal(tuple(clean.shape), dtype=np.float32))
     dark = rng.uniform(0.1, 0.3) * clean ** rng.uniform(1.5, 2.5)
     return quantize((dark + rng.uniform(0.005, 0.02) * noise).clamp(0, 1))
@@ -590,13 +552,10 @@ def make_demo_data(root, seed=0, train_count=12, test_count=3, size_range=(128, 
     return root
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line: --check, --make-demo, and a self-check
-# ---------------------------------------------------------------------------------------------
+# --- Command line: --check, --make-demo, and a self-check ----------------------------------------------------------
 
 def check(root, tasks):
-    """Print the training sets next to Table I's counts, the test sets with the paper's set each one
-    stands for, and every problem of both splits; returns the problem count."""
+    """Print both splits next to Table I (counts, the paper's set each test folder stands for) and every problem."""
     _, report = scan_training_set(root, tasks, strict=False)
     found, problems = report["found"], report["problems"]
     print(f"{'train':9s} {'layout':17s} {'pairs':>6s} {'ratio':>5s} {'resampled':>9s} {'Table I':>7s}  folder")
@@ -607,9 +566,10 @@ def check(root, tasks):
           f"{sum(f['pairs'] for f in found.values())} pairs (Table I: {sum(TABLE_I[t] for t in tasks)}), "
           f"{sum(f['pairs'] * RESAMPLE[t] for t, f in found.items())} resampled samples per epoch (Sec. IV-A.4)")
     print(f"\n{'test':9s} {'set':24s} {'images':>6s}  stands for")
-    for test_set in build_test_sets(root, tasks, sigmas=(None,), problems=problems):
-        paper = paper_test_set(test_set.task, test_set.name)
-        stands_for = f"{paper} (Table I: {TABLE_I_TEST[paper]} images)" if paper else "no Table I test set"
+    for test_set in build_test_sets(root, tasks, sigmas=SIGMAS[:1], problems=problems):
+        paper = [(n, c) for n, c in TEST_SETS[test_set.task].items()      # its name up to "-": SOTS-x → SOTS
+                 if test_set.name.split("-")[0].lower() == n.lower()]
+        stands_for = f"{paper[0][0]} (Table I: {paper[0][1]} images)" if paper else "no Table I test set"
         print(f"{test_set.task:9s} {test_set.name:24s} {len(test_set):6d}  {stands_for}")
     print("".join(f"PROBLEM: {p}\n" for p in problems) + f"{len(problems)} problem(s)")
     return len(problems)
@@ -621,10 +581,10 @@ def main(args):
         return print(f"demo data written to {make_demo_data(args.make_demo, args.seed)}")
     if args.check:
         raise SystemExit(1 if check(args.check, tasks) else 0)
-    with tempfile.TemporaryDirectory() as tmp:                  # no argument: a self-check
+    with tempfile.TemporaryDirectory() as tmp:                  # no argument: a self-check on the demo data
         check(make_demo_data(tmp, args.seed), tasks)
-        item = TrainDataset(scan_training_set(tmp, tasks)[0])[0]
-        print("TrainDataset item:", ", ".join(f"{k} {tuple(v.shape)}" for k, v in item.items() if k != "key"))
+        print("an item:", {k: tuple(v.shape) for k, v in TrainDataset(scan_training_set(tmp, tasks)[0])[0].items()
+                           if k != "key"})
 
 
 def get_args():

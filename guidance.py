@@ -32,9 +32,7 @@ CFE_WIDTHS = {"paper": (64, 128, 256), "tiny": (16, 32, 64)}   # follow the back
 DINO_BLOCKS = (0, 3, 7, 11)         # Eq. (5): i = 1, 4, 8, 12, 1-based → 0-based block indices
 
 
-# ---------------------------------------------------------------------------------------------
-# SGM: frozen DINOv2 (Sec. III-C.3, Eq. 5)
-# ---------------------------------------------------------------------------------------------
+# --- SGM: frozen DINOv2 (Sec. III-C.3, Eq. 5) ----------------------------------------------------------------------
 
 class SemanticGuidance(nn.Module):
     """F_1, F_2, F_3, F_4 = D_i(I_d), i = 1, 4, 8, 12 — Eq. (5).
@@ -108,9 +106,7 @@ def build_sgm(variant="base", weights=None, random_weights=False):
     return SemanticGuidance(vit, size, description)
 
 
-# ---------------------------------------------------------------------------------------------
-# CFE: Compact Feature Extraction (Sec. III-C.2, Fig. 4(b))
-# ---------------------------------------------------------------------------------------------
+# --- CFE: Compact Feature Extraction (Sec. III-C.2, Fig. 4(b)) -----------------------------------------------------
 
 class ResidualBlock(nn.Module):
     """conv3×3 → LeakyReLU → conv3×3, plus a (strided 1×1) shortcut, then LeakyReLU."""
@@ -151,9 +147,7 @@ class CFE(nn.Module):
         return self.mlp(self.features(degraded))                                 # Z (B, 128)
 
 
-# ---------------------------------------------------------------------------------------------
-# PGM and PGCA: the ETB's guided token mixer (Eq. 6-8, Fig. 4(c))
-# ---------------------------------------------------------------------------------------------
+# --- PGM and PGCA: the ETB's guided token mixer (Eq. 6-8, Fig. 4(c)) -----------------------------------------------
 
 class PGM(nn.Module):
     """Prompt Guidance Module, Eq. (6): Y_l = F_pgm(F_l, Z, X_l^d) = X_l^d ⊙ (1 + γ) + β.
@@ -252,9 +246,7 @@ class GuidedMixer(nn.Module):
         return self.pgca(norm(y), norm(x)) + y                                   # X_l^m, Eq. (8)
 
 
-# ---------------------------------------------------------------------------------------------
-# The full network and the ablations of Table X
-# ---------------------------------------------------------------------------------------------
+# --- The full network and the ablations of Table X -----------------------------------------------------------------
 
 class PerceiveIR(nn.Module):
     """Perceive-IR's trainable network: a guided backbone + CFE (Fig. 4).
@@ -342,13 +334,12 @@ def restore_image(model, sgm, degraded, tile=None, overlap=32, prior_size=1024):
     """
     if not model.guided:
         return tiled_forward(model.backbone, degraded, tile, overlap).clamp(0, 1)
-    priors = model.priors(sgm(degraded) if model.use_dino else None, model.degradation_code(prior_view(degraded, prior_size)))
+    code = model.degradation_code(prior_view(degraded, prior_size))                    # Z of the whole image
+    priors = model.priors(sgm(degraded) if model.use_dino else None, code)
     return tiled_forward(lambda x: model.backbone(x, priors), degraded, tile, overlap).clamp(0, 1)
 
 
-# ---------------------------------------------------------------------------------------------
-# What the model perceives: the degradation code Z against per-task centroids
-# ---------------------------------------------------------------------------------------------
+# --- What the model perceives: the degradation code Z against per-task centroids -----------------------------------
 
 @torch.no_grad()
 def degradation_centroids(model, images, prior_size=1024):

@@ -42,9 +42,7 @@ TAP_NAMES = ("relu1_2", "conv2_2", "relu3_1", "relu3_3")
 XI = (1 / 12, 1 / 6, 1 / 3, 1.0)        # ξ_3, ξ_7, ξ_11, ξ_15 of Eq. (11)
 
 
-# ---------------------------------------------------------------------------------------------
-# L_rec and the degradation contrastive loss L_cl (Sec. III-E, Eq. 12)
-# ---------------------------------------------------------------------------------------------
+# --- L_rec and the degradation contrastive loss L_cl (Sec. III-E, Eq. 12) ------------------------------------------
 
 def reconstruction_loss(restored, target):
     """L_rec = ‖I_r − I_g‖₁, the mean absolute error over all pixels (Eq. 13)."""
@@ -100,7 +98,7 @@ def contrastive_loss(code, code_positive, task, tau=0.1):
     is_negative = task[:, None] != task[None, :]                               # (N, N); False on the diagonal
     negative_logits = (anchor @ anchor.T / tau).masked_fill(~is_negative, float("-inf"))  # S(Z, Z⁻)/τ (N, N)
     logits = torch.cat((positive_logit[:, None], negative_logits), dim=1)      # (N, 1 + N)
-    # Eq. (12): −log(e^{s⁺/τ} / (e^{s⁺/τ} + Σᵢ e^{sᵢ⁻/τ})) = logsumexp(s⁺/τ, s⁻/τ, …) − s⁺/τ;
+    # Eq. (12): −log(e^{s⁺/τ} / (e^{s⁺/τ} + Σᵢ e^{sᵢ⁻/τ})) = logsumexp(s⁺/τ, s⁻/τ, …) − s⁺/τ,
     # masked entries are −∞ and add e^{−∞} = 0, so an anchor without negatives gives exactly 0.
     per_anchor = torch.logsumexp(logits, dim=1) - positive_logit               # (N,)
     valid = is_negative.any(dim=1)                                             # (N,)
@@ -114,9 +112,7 @@ def contrastive_loss(code, code_positive, task, tau=0.1):
     return loss, valid.float().mean()
 
 
-# ---------------------------------------------------------------------------------------------
-# CLIP-aware loss (Sec. III-D.1, Eq. 9, Fig. 5(a))
-# ---------------------------------------------------------------------------------------------
+# --- CLIP-aware loss (Sec. III-D.1, Eq. 9, Fig. 5(a)) --------------------------------------------------------------
 
 def clip_aware_loss(perceiver, restored):
     """L_clip, Eq. (9), averaged over the batch.
@@ -135,9 +131,7 @@ def clip_aware_loss(perceiver, restored):
     return (1 - probabilities[:, perceiver.excellent_index]).mean()
 
 
-# ---------------------------------------------------------------------------------------------
-# VGG-16 features V_i (Sec. III-D.2)
-# ---------------------------------------------------------------------------------------------
+# --- VGG-16 features V_i (Sec. III-D.2) ----------------------------------------------------------------------------
 
 class VGGFeatures(nn.Module):
     """V_i of Eq. (11): frozen VGG features at the four taps, for images (n, 3, H, W) in [0, 1].
@@ -214,9 +208,7 @@ def build_vgg(weights=None, variant="vgg16"):
     return VGGFeatures(*load_vgg16_features(weights))
 
 
-# ---------------------------------------------------------------------------------------------
-# Difficulty-adaptive perceptual loss (Sec. III-D.2, Eq. 10-11, Fig. 5(b))
-# ---------------------------------------------------------------------------------------------
+# --- Difficulty-adaptive perceptual loss (Sec. III-D.2, Eq. 10-11, Fig. 5(b)) --------------------------------------
 
 def batch_psnr(x, y, data_range=1.0):
     """PSNR in dB per image, 10·log10(R² / MSE) with the MSE over (C, H, W): (B, 3, H, W) → (B,).
@@ -314,9 +306,7 @@ def difficulty_adaptive_perceptual_loss(vgg, restored, target, degraded, negativ
     return (loss, very_hard) if return_very_hard else loss
 
 
-# ---------------------------------------------------------------------------------------------
-# L_total (Sec. III-E, Eq. 13; Sec. IV-A.4; Table XI)
-# ---------------------------------------------------------------------------------------------
+# --- L_total (Sec. III-E, Eq. 13; Sec. IV-A.4; Table XI) -----------------------------------------------------------
 
 # Table XI: which of L_clip, L_dpl, L_cl join L_rec in each row ((a) = L_rec only, (h) = all).
 TABLE_XI = {

@@ -194,7 +194,8 @@ def profile(restorer, size, device, repeats=3):
     print(f"frozen parameters      {frozen / 1e6:8.2f} M   (DINOv2; CLIP and VGG-16 are used in training only)")
     print(f"FLOPs at 256×256       {flops / 1e9:8.1f} G   ({flops / 2e9:.1f} G multiply-adds)")
     print(f"latency at {size}×{size}   {latency:8.1f} ms  on {device} ({torch.get_num_threads()} CPU threads)")
-    print(f"peak memory            {report['peak_mb']:8.0f} MB  ({'CUDA allocated' if device.type == 'cuda' else 'RSS'})")
+    kind = "CUDA allocated" if device.type == "cuda" else "RSS"
+    print(f"peak memory            {report['peak_mb']:8.0f} MB  ({kind})")
     return report
 
 

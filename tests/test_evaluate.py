@@ -67,7 +67,8 @@ def test_basicsr_valid_window_y_ssim_differs_from_the_reference_by_the_border_al
         y_degraded, y_clean = (rgb_to_y(image.double()[None]) for image in (degraded, clean))
         valid = ssim(y_degraded, y_clean, gaussian_window(), 255.0, False, full_map=True)
         padded = ssim(y_degraded, y_clean, gaussian_window(), 255.0, False, replicate_border=True, full_map=True)
-        assert padded.shape[-2:] == y_clean.shape[-2:] and valid.shape[-2:] == (y_clean.shape[-2] - 10, y_clean.shape[-1] - 10)
+        H, W = y_clean.shape[-2:]
+        assert padded.shape[-2:] == (H, W) and valid.shape[-2:] == (H - 10, W - 10)
         assert torch.allclose(padded[..., 5:-5, 5:-5], valid, rtol=0, atol=1e-12)          # interior: identical
         assert padded.mean().item() == pytest.approx(pair["ssim_y"], abs=1e-4)              # the reference
         worst = max(worst, abs(valid.mean().item() - pair["ssim_y"]))
@@ -134,7 +135,8 @@ def test_a_batch_gives_each_images_own_metrics_and_their_mean():
     assert compute_metrics(restored, target, "rgb")["psnr"] == pytest.approx(70 / 3, abs=1e-4)
     # SSIM: image 0 alone, the same offset everywhere.
     single = compute_metrics_per_image(restored[:1], target[:1], "rgb")["ssim"][0]
-    assert batch["ssim"][0] == pytest.approx(single, abs=1e-12) and batch["ssim"][1] > batch["ssim"][0] > batch["ssim"][2]
+    assert batch["ssim"][0] == pytest.approx(single, abs=1e-12)
+    assert batch["ssim"][1] > batch["ssim"][0] > batch["ssim"][2]
 
 
 def test_restored_values_outside_0_1_are_clamped_and_the_y_convention_rounds_to_8_bits():
@@ -334,7 +336,8 @@ def small_benchmark(shared_dir, root):
     for folder in ("input", "target"):
         (root / "test/derain/Rain100L" / folder).mkdir(parents=True, exist_ok=True)
         for name in ("1.png", "2.png", "3.png"):
-            shutil.copy(shared_dir / "data/test/derain/Rain100L" / folder / name, root / "test/derain/Rain100L" / folder / name)
+            source = shared_dir / "data/test/derain/Rain100L" / folder / name
+            shutil.copy(source, root / "test/derain/Rain100L" / folder / name)
     shutil.copytree(shared_dir / "data/test/dehaze/SOTS-outdoor-mini", root / "test/dehaze/SOTS-outdoor-mini")
     return root
 
@@ -392,8 +395,8 @@ def test_two_ranks_shard_the_test_images_and_give_the_one_process_table(shared_d
     root = small_benchmark(shared_dir, tmp_path / "data")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     common = ["--checkpoint", str(tiny_checkpoint), "--data-root", str(root), "--tasks", "R", "--conventions", "rgb"]
-    for name, launcher in (("one", [sys.executable]),
-                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for name, launcher in (("one", [sys.executable]), ("two", torchrun)):
         result = subprocess.run([*launcher, str(REPO / "evaluate.py"), *common, "--results", str(tmp_path / name)],
                                 capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
@@ -404,7 +407,8 @@ def test_two_ranks_shard_the_test_images_and_give_the_one_process_table(shared_d
 
 
 def test_bad_checkpoints_give_clear_errors(tiny_checkpoint, tmp_path):
-    corrupt, foreign, other_stage, mismatched = (tmp_path / f"{n}.pt" for n in ("corrupt", "foreign", "stage", "mismatch"))
+    corrupt, foreign, other_stage, mismatched = (tmp_path / f"{n}.pt"
+                                                 for n in ("corrupt", "foreign", "stage", "mismatch"))
     corrupt.write_bytes(b"not a checkpoint at all")
     torch.save({"weights": torch.zeros(1)}, foreign)
     checkpoint = torch.load(tiny_checkpoint, weights_only=True)
@@ -451,7 +455,8 @@ def test_predictions_are_matched_by_name_rules_and_every_problem_is_named(shared
         shutil.copy(root / "test/derain/Rain100L/target" / name, pred / "derain_Rain100L" / name)
     shutil.copy(root / "test/derain/Rain100L/target/1.png", pred / "derain_Rain100L" / "extra.png")
     # RESIDE names: a prediction 0001_0.8_0.2.png scores against 0001.png.
-    shutil.copy(root / "test/dehaze/SOTS-outdoor-mini/target/0001.png", pred / "dehaze_SOTS-outdoor-mini/0001_0.8_0.2.png")
+    shutil.copy(root / "test/dehaze/SOTS-outdoor-mini/target/0001.png",
+                pred / "dehaze_SOTS-outdoor-mini/0001_0.8_0.2.png")
     Image.new("RGB", (40, 30)).save(pred / "dehaze_SOTS-outdoor-mini/0002.png")          # wrong size
     status = main(get_args(["--pred", str(pred), "--data-root", str(root), "--tasks", "H+R", "--results",
                             str(tmp_path / "results")]))

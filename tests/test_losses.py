@@ -423,7 +423,8 @@ def test_table_xi_rows_switch_terms_off_and_a_term_off_costs_nothing(row):
         clip = 1 - perceiver(restored)[:, 0].mean()
         dpl = difficulty_adaptive_perceptual_loss(PowerFeatures(), restored, batch["target"], batch["degraded"],
                                                   batch["negatives"], batch["negative_mask"], 25.0)
-    expected = rec + 0.1 * cl * switches["use_cl"] + 0.05 * clip * switches["use_clip"] + 0.1 * dpl * switches["use_dpl"]
+    expected = (rec + 0.1 * cl * switches["use_cl"] + 0.05 * clip * switches["use_clip"]
+                + 0.1 * dpl * switches["use_dpl"])
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     assert min(cl, clip, dpl) > 0.05                          # each term would move the total
     assert parts["cl_valid_fraction"].item() == (1.0 if switches["use_cl"] else 0.0)

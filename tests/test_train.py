@@ -252,7 +252,8 @@ def test_checkpoint_is_one_plain_dict_loadable_with_weights_only(stage1):
     # Eq. (10) needs avgPSNR per task (and σ) to resume; the centroids of Z serve evaluate.py.
     assert set(checkpoint["avg_psnr"]) == {"denoise", "denoise_sigma15", "denoise_sigma25", "denoise_sigma50",
                                            "dehaze", "derain", "deblur", "lowlight"}
-    assert checkpoint["centroids"]["tasks"] == list(data.TASKS) and checkpoint["centroids"]["centroids"].shape == (5, 128)
+    centroids = checkpoint["centroids"]
+    assert centroids["tasks"] == list(data.TASKS) and centroids["centroids"].shape == (5, 128)
     assert {"torch", "numpy", "python"} <= set(checkpoint["rng"][0])
 
 
