@@ -47,7 +47,7 @@ PRESETS = {
     "demo": dict(out="runs/demo", tasks="N+H+R+B+L", patch_size=64, backbone_config="tiny", dino="tiny",
                  resample="denoise=1,dehaze=1,derain=1,deblur=1,lowlight=1", lambda_clip=0.005, lambda_dpl=0.01,
                  clip_model="tiny", vgg="tiny", workers=0, medium_iters=150, prompt_iters=400,
-                 prompt_batch_size=16, iters=800, batch_size=4, lr=1e-3, medium_lr=1e-3, prompt_lr=5e-3,
+                 prompt_batch_size=16, iters=800, batch_size=4, lr=2e-3, medium_lr=1e-3, prompt_lr=5e-3,
                  warmup=20, probe_size=4, epoch_iters=100, log_every=50, save_every=100, snapshot_every=0),
 }
 
