@@ -202,6 +202,18 @@ def test_eq10_before_any_psnr_is_measured_every_negative_counts_as_very_hard():
     assert negative_weights(None, torch.tensor([[10.0, 40.0]]), gamma=0.25).tolist() == [[0.75, 0.75]]
 
 
+def test_eq10_avgpsnr_is_measured_per_stratum_and_each_task_averages_its_sigmas():
+    # An identity "network": avgPSNR is the probe's own PSNR. Constant errors e give −20·log10(e) dB.
+    target = torch.full((2, 3, 4, 4), 0.5)
+    offsets = {"denoise_sigma15": [0.1, 0.1], "denoise_sigma25": [0.01, 0.01], "derain": [0.1, 0.01]}
+    probe = {name: (target + torch.tensor(e).view(2, 1, 1, 1), target) for name, e in offsets.items()}
+    measured = losses.average_psnr(lambda degraded: degraded, probe, "cpu")
+    # derain: the mean of its images' PSNRs (20 and 40 dB), not the PSNR of their mean error (23 dB);
+    # denoise: the mean of its σ strata, listed before them.
+    assert list(measured) == ["denoise", "denoise_sigma15", "denoise_sigma25", "derain"]
+    assert list(measured.values()) == pytest.approx([30.0, 20.0, 40.0, 30.0], abs=1e-3)
+
+
 def test_psnr_of_a_constant_error_of_0_1_is_20_db():
     x = torch.full((2, 3, 5, 5), 0.5)
     assert batch_psnr(x, x + 0.1).tolist() == pytest.approx([20.0, 20.0], abs=1e-4)

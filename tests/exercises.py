@@ -1,0 +1,231 @@
+"""The course kit: the README's exercises, defined once, as starter code and as grading (not a test file).
+
+    python tests/exercises.py list                       # the exercises, their functions, tests and equations
+    python tests/exercises.py handout 1 3 --out DIR      # a copy of the repository with those functions blank
+    python tests/exercises.py grade DIR [1 3]            # this repository's grading tests on a student's copy
+    python tests/exercises.py check                      # every exercise grades: passes here, fails blanked
+
+A handout is built from the tracked files (`git ls-files`), so `.git`, caches and run outputs stay out.
+In it, each named function keeps its signature, docstring and comment lines; its code lines become one
+`raise NotImplementedError("Exercise N: <title>, see README")`. Grading copies the student's files and
+this repository's tests into a fresh folder, so an edited test in the handout changes nothing.
+"""
+
+import argparse
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"            # the benchmark images the grading tests read, when present
+TIMEOUT = 600                              # seconds per exercise when grading
+
+
+@dataclass
+class Exercise:
+    number: int
+    title: str
+    paper: str                             # the equations and sections it covers
+    functions: list = field(default_factory=list)      # "file.py:name" or "file.py:Class.method"
+    tests: list = field(default_factory=list)          # pytest node IDs that grade it
+    breaks: list = field(default_factory=list)         # other tests that fail while the functions are blank
+    task: str = ""                                     # what to do, for experiments without a function
+
+
+EXERCISES = [
+    Exercise(1, "The contrastive degradation loss", "Eq. (12), Sec. III-E", ["losses.py:contrastive_loss"], [
+        "tests/test_losses.py::test_eq12_contrastive_loss_of_a_three_task_batch_equals_the_hand_computed_infonce",
+        "tests/test_losses.py::test_eq12_same_task_samples_are_neither_positives_nor_negatives",
+        "tests/test_losses.py::test_eq12_samples_without_any_negative_are_masked_out_and_counted",
+        "tests/test_losses.py::test_eq12_two_gloo_ranks_holding_half_the_batch_give_the_single_process_loss_and_gradients"]),
+    Exercise(2, "The CLIP-aware loss and its temperature", "Eq. (9), Eq. (1), Sec. III-D.1",
+             ["losses.py:clip_aware_loss", "clip_prompts.py:prompt_logits"], [
+                 "tests/test_losses.py::test_eq9_clip_loss_is_zero_when_excellent_has_all_the_mass",
+                 "tests/test_losses.py::test_eq9_clip_loss_is_two_thirds_when_the_three_prompts_tie",
+                 "tests/test_clip_prompts.py::test_eq1_cross_entropy_over_scaled_cosines_matches_a_hand_computation",
+                 "tests/test_clip_prompts.py::test_the_perceiver_multiplies_the_cosines_by_clips_logit_scale"]),
+    Exercise(3, "Prior guidance cross attention", "Eq. (3), (7), (8), Sec. III-C.3",
+             ["guidance.py:PGCA.forward", "guidance.py:GuidedMixer.forward"], [
+                 "tests/test_guidance.py::test_eq7_pgca_takes_the_query_from_y_and_key_value_from_x",
+                 "tests/test_guidance.py::test_eq8_the_residual_of_the_etb_mixer_is_y",
+                 "tests/test_guidance.py::test_eq3_an_etb_is_gdfn_after_the_guided_mixer_which_takes_the_place_of_mdta"]),
+    Exercise(4, "How many prompts?", "Table XII, Sec. IV-F.3", task=(
+        "train stage 1 with `--prompt-words excellent terrible`, the default three words and four words, "
+        "and compare the held-out accuracy each prompts.pt records")),
+    Exercise(5, "The total loss and its ablations", "Eq. (13), Table XI", ["losses.py:PerceiveIRLoss.__call__"], [
+        "tests/test_losses.py::test_table_xi_rows_switch_terms_off_and_a_term_off_costs_nothing",
+        "tests/test_losses.py::test_eq10_each_image_counts_its_non_easy_negatives_and_those_weighted_1_minus_gamma"]),
+    Exercise(6, "Swap the backbone", "Table XV, Sec. III-C.1", task=(
+        "add a third backbone to backbone.py:BACKBONES that honours the guided_attention interface and add it "
+        "to the parametrisations of the guided-level and odd-size tests")),
+    Exercise(7, "Difficulty-adaptive weights and the perceptual loss", "Eq. (10), (11), Sec. III-D.2",
+             ["losses.py:negative_weights", "losses.py:difficulty_adaptive_perceptual_loss"], [
+                 "tests/test_losses.py::test_eq10_hard_negatives_weigh_one_plus_gamma_and_very_hard_ones_one_minus_gamma",
+                 "tests/test_losses.py::test_eq10_before_any_psnr_is_measured_every_negative_counts_as_very_hard",
+                 "tests/test_losses.py::test_eq11_dpl_equals_the_hand_computed_ratio_with_a_missing_negative",
+                 "tests/test_losses.py::test_eq11_dpl_with_no_non_easy_negatives_uses_the_easy_negative_alone"]),
+    Exercise(8, "avgPSNR per task", "Eq. (10), Sec. III-D.2", ["losses.py:average_psnr"], [
+        "tests/test_losses.py::test_eq10_avgpsnr_is_measured_per_stratum_and_each_task_averages_its_sigmas"]),
+]
+
+
+def find(numbers):
+    """The exercises of `numbers` (all with a function to write when empty); unknown numbers are refused."""
+    known = {e.number: e for e in EXERCISES}
+    unknown = [n for n in numbers if n not in known]
+    if unknown:
+        raise SystemExit(f"exercises.py: no exercise {unknown[0]}; the exercises are "
+                         + ", ".join(f"{e.number} ({e.title})" for e in EXERCISES))
+    return [known[n] for n in numbers] if numbers else [e for e in EXERCISES if e.functions]
+
+
+def blank(source, qualname, message):
+    """The source with the body of function `qualname` replaced by `raise NotImplementedError(message)`,
+    keeping its signature, docstring and comment lines. Line ranges come from ast (ast.unparse drops comments)."""
+    tree, lines = ast.parse(source), source.splitlines(keepends=True)
+    node, scope = None, tree.body
+    for part in qualname.split("."):
+        node = next((n for n in scope if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part), None)
+        if node is None:
+            raise SystemExit(f"exercises.py: {qualname} is not defined (a renamed function? update EXERCISES)")
+        scope = node.body
+    body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+    first = body[0].lineno if body else node.body[0].end_lineno + 1
+    indent = " " * body[0].col_offset if body else " " * (node.col_offset + 4)
+    kept = [line for line in lines[first - 1:node.end_lineno] if line.strip().startswith("#")]
+    stub = kept + [f"{indent}raise NotImplementedError({message!r})\n"]
+    return "".join(lines[:first - 1] + stub + lines[node.end_lineno:])
+
+
+def handout(numbers, out):
+    """Copy the tracked files to `out`, with the functions of the chosen exercises blank."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"exercises.py: --out {out} exists and is not empty; never written over: choose a new folder")
+    exercises = find(numbers)
+    if not any(e.functions for e in exercises):
+        raise SystemExit("exercises.py: these exercises are experiments, with no function to hand out")
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, out / name)
+    for exercise in exercises:
+        for spec in exercise.functions:
+            path, qualname = spec.split(":")
+            message = f"Exercise {exercise.number}: {exercise.title}, see README"
+            (out / path).write_text(blank((out / path).read_text(), qualname, message))
+    print(f"handout of exercise(s) {', '.join(str(e.number) for e in exercises)} written to {out} "
+          f"({len(tracked)} files)")
+    return exercises
+
+
+def run_tests(code_dir, node_ids, timeout=TIMEOUT):
+    """Run `node_ids` from this repository's tests against the code in `code_dir`; returns {node: message or
+    None} with None for a pass. A skipped test counts as a failure; so does a timeout."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "copy"
+        shutil.copytree(Path(code_dir), work, ignore=shutil.ignore_patterns("tests", ".git", "runs", ".venv*"))
+        shutil.copytree(REPO / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        report = Path(tmp) / "report.xml"
+        env = {**os.environ, "PERCEIVE_IR_SHARED": str(SHARED)}
+        try:
+            subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow or not slow",
+                            f"--junitxml={report}", *node_ids], cwd=work, env=env, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {node: f"timed out after {timeout} s" for node in node_ids}
+        results = {}
+        for case in ElementTree.parse(report).iter("testcase"):          # classname "tests.test_losses"
+            name = f"{case.get('classname').replace('.', '/')}.py::{case.get('name')}"
+            problem = next(iter(case.findall("failure") + case.findall("error") + case.findall("skipped")), None)
+            results[name] = None if problem is None else f"{problem.tag}: {problem.get('message', '')[:300]}"
+        return results
+
+
+def grade(code_dir, numbers):
+    """One pass/fail line per exercise; returns the number of exercises that failed."""
+    code_dir = Path(code_dir)
+    missing = [name for name in ("backbone.py", "guidance.py", "clip_prompts.py", "losses.py", "data.py",
+                                 "train.py", "evaluate.py") if not (code_dir / name).is_file()]
+    if missing:
+        raise SystemExit(f"exercises.py: {code_dir} is not a handout: {', '.join(missing)} missing")
+    failed = 0
+    for exercise in find(numbers):
+        if not exercise.functions:
+            print(f"exercise {exercise.number} ({exercise.title}): an experiment, graded by reading it")
+            continue
+        results = run_tests(code_dir, exercise.tests)
+        bad = {node: message for node, message in results.items() if message} or \
+            ({"(no test ran)": "pytest collected none of the grading tests"} if not results else {})
+        failed += bool(bad)
+        print(f"exercise {exercise.number} ({exercise.title}): {'FAIL' if bad else 'pass'} "
+              f"({len(results) - len(bad)}/{len(results)} tests)")
+        for node, message in bad.items():
+            print(f"    {node}: {message}")
+    return failed
+
+
+def check():
+    """Show that every exercise grades: its tests pass on this repository and fail on its handout because
+    of the blanked function; and that on a handout of every exercise only the listed tests fail."""
+    problems = []
+    for exercise in find([]):
+        on_reference = run_tests(REPO, exercise.tests)
+        problems += [f"exercise {exercise.number}: {node} fails on the reference: {m}"
+                     for node, m in on_reference.items() if m]
+        with tempfile.TemporaryDirectory() as tmp:
+            handout([exercise.number], Path(tmp) / "handout")
+            on_handout = run_tests(Path(tmp) / "handout", exercise.tests)
+        marker = f"Exercise {exercise.number}:"
+        problems += [f"exercise {exercise.number}: {node} does not fail for the blanked function ({m})"
+                     for node, m in on_handout.items() if not m or marker not in m]
+        print(f"exercise {exercise.number}: {len(on_reference)} grading tests pass on the reference, "
+              f"{sum(bool(m) and marker in m for m in on_handout.values())} fail on the handout")
+    with tempfile.TemporaryDirectory() as tmp:          # every exercise blank: the rest of the suite passes
+        handout([], Path(tmp) / "all")
+        results = run_tests(Path(tmp) / "all", ["tests"], timeout=3 * TIMEOUT)
+    expected = {node for e in EXERCISES for node in e.tests + e.breaks}
+    unexpected = [node for node, m in results.items() if m and node.split("[")[0] not in expected]
+    problems += [f"{node} fails on the handout of every exercise, but no exercise lists it" for node in unexpected]
+    print("\n".join(problems) or "every exercise grades: its tests pass here and fail for its blank function")
+    return len(problems)
+
+
+def describe():
+    for e in EXERCISES:
+        print(f"{e.number}. {e.title} ({e.paper})")
+        if e.functions:
+            print("   write:  " + ", ".join(e.functions))
+            print("   graded: " + "\n           ".join(e.tests))
+        else:
+            print(f"   an experiment, no function to write: {e.task}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="the exercises")
+    make = commands.add_parser("handout", help="a copy of the repository with the exercises' functions blank")
+    make.add_argument("numbers", type=int, nargs="*", help="exercises (default: every one with a function)")
+    make.add_argument("--out", required=True, help="a new or empty folder")
+    marker = commands.add_parser("grade", help="grade a handout with this repository's tests")
+    marker.add_argument("folder")
+    marker.add_argument("numbers", type=int, nargs="*", help="exercises (default: every one with a function)")
+    commands.add_parser("check", help="show that every exercise's tests grade (several minutes)")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        return describe()
+    if args.command == "handout":
+        return handout(args.numbers, args.out) and 0
+    if args.command == "grade":
+        raise SystemExit(1 if grade(args.folder, args.numbers) else 0)
+    raise SystemExit(1 if check() else 0)
+
+
+if __name__ == "__main__":
+    main()
