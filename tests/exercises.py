@@ -38,40 +38,98 @@ class Exercise:
     task: str = ""                                     # what to do, for experiments without a function
 
 
+def nodes(file, *names):
+    return [f"tests/{file}::{name}" for name in names]
+
+
+# The training runs of test_train.py restore end to end, so they fail while any loss, avgPSNR or PGCA is blank.
+TRAINING_RUNS = nodes(
+    "test_train.py", "test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint",
+    "test_an_existing_run_is_never_overwritten_without_resume",
+    "test_checkpoint_is_one_plain_dict_loadable_with_weights_only",
+    "test_eq10_when_a_tasks_avgpsnr_rises_past_its_negatives_they_flip_from_1_minus_to_1_plus_gamma",
+    "test_missing_clip_weights_end_with_one_line_naming_the_flag_not_a_traceback",
+    "test_paper_preset_defaults_of_sec_iv_a4_reach_the_loss_and_adamw",
+    "test_readme_recipe_a_nafnet_medium_stage_makes_a_second_set_of_proxy_negatives",
+    "test_resume_rejects_a_checkpoint_of_another_stage_and_one_with_a_single_avgpsnr",
+    "test_resuming_gives_the_same_weights_as_training_straight_through",
+    "test_sigterm_to_the_process_group_with_loader_workers_writes_a_checkpoint_and_exits_cleanly",
+    "test_snapshots_keep_the_newest_n_and_keep_0_keeps_them_all",
+    "test_stage1_restores_every_training_image_once_by_the_model_of_the_other_fold",
+    "test_the_medium_and_prompt_stages_resume_bit_for_bit",
+    "test_the_negatives_are_announced_with_their_coverage_and_i_m_can_be_left_out",
+    "test_the_offline_demo_restores_better_than_its_inputs",
+    "test_two_gloo_processes_match_one_process_and_log_the_mean_over_both")
+LOSS_GRADIENTS = nodes("test_losses.py", "test_i_r_and_the_restorer_get_gradients_while_vgg_and_clip_get_none")
+TABLE_XI = nodes("test_losses.py", "test_table_xi_rows_switch_terms_off_and_a_term_off_costs_nothing")
+
+
 EXERCISES = [
-    Exercise(1, "The contrastive degradation loss", "Eq. (12), Sec. III-E", ["losses.py:contrastive_loss"], [
-        "tests/test_losses.py::test_eq12_contrastive_loss_of_a_three_task_batch_equals_the_hand_computed_infonce",
-        "tests/test_losses.py::test_eq12_same_task_samples_are_neither_positives_nor_negatives",
-        "tests/test_losses.py::test_eq12_samples_without_any_negative_are_masked_out_and_counted",
-        "tests/test_losses.py::test_eq12_two_gloo_ranks_holding_half_the_batch_give_the_single_process_loss_and_gradients"]),
+    Exercise(1, "The contrastive degradation loss", "Eq. (12), Sec. III-E", ["losses.py:contrastive_loss"], nodes(
+        "test_losses.py", "test_eq12_contrastive_loss_of_a_three_task_batch_equals_the_hand_computed_infonce",
+        "test_eq12_same_task_samples_are_neither_positives_nor_negatives",
+        "test_eq12_samples_without_any_negative_are_masked_out_and_counted",
+        "test_eq12_two_gloo_ranks_holding_half_the_batch_give_the_single_process_loss_and_gradients"),
+        breaks=TRAINING_RUNS + LOSS_GRADIENTS + TABLE_XI),
     Exercise(2, "The CLIP-aware loss and its temperature", "Eq. (9), Eq. (1), Sec. III-D.1",
-             ["losses.py:clip_aware_loss", "clip_prompts.py:prompt_logits"], [
-                 "tests/test_losses.py::test_eq9_clip_loss_is_zero_when_excellent_has_all_the_mass",
-                 "tests/test_losses.py::test_eq9_clip_loss_is_two_thirds_when_the_three_prompts_tie",
-                 "tests/test_clip_prompts.py::test_eq1_cross_entropy_over_scaled_cosines_matches_a_hand_computation",
-                 "tests/test_clip_prompts.py::test_the_perceiver_multiplies_the_cosines_by_clips_logit_scale"]),
+             ["losses.py:clip_aware_loss", "clip_prompts.py:prompt_logits"],
+             nodes("test_losses.py", "test_eq9_clip_loss_is_zero_when_excellent_has_all_the_mass",
+                   "test_eq9_clip_loss_is_two_thirds_when_the_three_prompts_tie")
+             + nodes("test_clip_prompts.py", "test_eq1_cross_entropy_over_scaled_cosines_matches_a_hand_computation",
+                     "test_the_perceiver_multiplies_the_cosines_by_clips_logit_scale"),
+             breaks=[node for node in TRAINING_RUNS if "eq10" not in node] + LOSS_GRADIENTS + TABLE_XI + nodes(
+                 "test_clip_prompts.py", "test_eq1_prompts_learn_to_rank_three_noise_levels_with_a_tiny_clip",
+                 "test_only_the_prompt_embeddings_receive_gradients",
+                 "test_prompt_checkpoint_round_trips_with_weights_only",
+                 "test_perceiver_probabilities_sum_to_one_and_gradients_reach_the_image_not_clip",
+                 "test_score_command_prints_one_line_per_image")
+             + nodes("test_evaluate.py", "test_perception_json_names_the_nearest_task_and_p_excellent_with_prompts")
+             + nodes("test_train.py", "test_the_perceiver_is_measured_on_crops_of_held_out_triplets")),
     Exercise(3, "Prior guidance cross attention", "Eq. (3), (7), (8), Sec. III-C.3",
-             ["guidance.py:PGCA.forward", "guidance.py:GuidedMixer.forward"], [
-                 "tests/test_guidance.py::test_eq7_pgca_takes_the_query_from_y_and_key_value_from_x",
-                 "tests/test_guidance.py::test_eq8_the_residual_of_the_etb_mixer_is_y",
-                 "tests/test_guidance.py::test_eq3_an_etb_is_gdfn_after_the_guided_mixer_which_takes_the_place_of_mdta"]),
+             ["guidance.py:PGCA.forward", "guidance.py:GuidedMixer.forward"],
+             nodes("test_guidance.py", "test_eq7_pgca_takes_the_query_from_y_and_key_value_from_x",
+                   "test_eq8_the_residual_of_the_etb_mixer_is_y",
+                   "test_eq3_an_etb_is_gdfn_after_the_guided_mixer_which_takes_the_place_of_mdta"),
+             breaks=TRAINING_RUNS + nodes(
+                 "test_guidance.py", "test_each_table_x_ablation_builds_and_trains",
+                 "test_every_trainable_parameter_gets_a_gradient_and_no_dinov2_parameter_does",
+                 "test_output_shape_equals_input_shape_for_odd_sizes",
+                 "test_positive_crop_code_equals_the_code_of_a_separate_pass",
+                 "test_restore_image_takes_the_priors_from_the_whole_image_even_when_the_backbone_runs_on_tiles",
+                 "test_the_guidance_keeps_every_feature_shape_of_the_plain_backbone",
+                 "test_without_pgm_the_guidance_ignores_z_and_with_pgm_it_does_not")
+             + nodes("test_evaluate.py", "test_a_checkpoint_without_centroids_still_restores_with_a_message",
+                     "test_an_unreadable_file_is_named_and_skipped_and_the_others_are_restored",
+                     "test_benchmark_images_are_restored_whole_unless_tiles_are_asked_for",
+                     "test_end_to_end_evaluation_scores_each_restored_test_image",
+                     "test_perception_json_names_the_nearest_task_and_p_excellent_with_prompts",
+                     "test_profile_reports_the_parameter_counts_of_the_model_and_its_frozen_dinov2",
+                     "test_tiled_restoration_matches_the_whole_image_within_a_stated_tolerance",
+                     "test_two_ranks_shard_the_test_images_and_give_the_one_process_table",
+                     "test_your_own_images_in_any_format_come_back_as_png_and_colliding_names_keep_their_suffix")),
     Exercise(4, "How many prompts?", "Table XII, Sec. IV-F.3", task=(
         "train stage 1 with `--prompt-words excellent terrible`, the default three words and four words, "
         "and compare the held-out accuracy each prompts.pt records")),
-    Exercise(5, "The total loss and its ablations", "Eq. (13), Table XI", ["losses.py:PerceiveIRLoss.__call__"], [
-        "tests/test_losses.py::test_table_xi_rows_switch_terms_off_and_a_term_off_costs_nothing",
-        "tests/test_losses.py::test_eq10_each_image_counts_its_non_easy_negatives_and_those_weighted_1_minus_gamma"]),
+    Exercise(5, "The total loss and its ablations", "Eq. (13), Table XI", ["losses.py:PerceiveIRLoss.__call__"],
+             TABLE_XI + nodes("test_losses.py",
+                              "test_eq10_each_image_counts_its_non_easy_negatives_and_those_weighted_1_minus_gamma"),
+             breaks=TRAINING_RUNS + LOSS_GRADIENTS + nodes(
+                 "test_losses.py", "test_a_term_switched_on_without_its_network_is_a_clear_error")),
     Exercise(6, "Swap the backbone", "Table XV, Sec. III-C.1", task=(
         "add a third backbone to backbone.py:BACKBONES that honours the guided_attention interface and add it "
         "to the parametrisations of the guided-level and odd-size tests")),
     Exercise(7, "Difficulty-adaptive weights and the perceptual loss", "Eq. (10), (11), Sec. III-D.2",
-             ["losses.py:negative_weights", "losses.py:difficulty_adaptive_perceptual_loss"], [
-                 "tests/test_losses.py::test_eq10_hard_negatives_weigh_one_plus_gamma_and_very_hard_ones_one_minus_gamma",
-                 "tests/test_losses.py::test_eq10_before_any_psnr_is_measured_every_negative_counts_as_very_hard",
-                 "tests/test_losses.py::test_eq11_dpl_equals_the_hand_computed_ratio_with_a_missing_negative",
-                 "tests/test_losses.py::test_eq11_dpl_with_no_non_easy_negatives_uses_the_easy_negative_alone"]),
-    Exercise(8, "avgPSNR per task", "Eq. (10), Sec. III-D.2", ["losses.py:average_psnr"], [
-        "tests/test_losses.py::test_eq10_avgpsnr_is_measured_per_stratum_and_each_task_averages_its_sigmas"]),
+             ["losses.py:negative_weights", "losses.py:difficulty_adaptive_perceptual_loss"], nodes(
+                 "test_losses.py", "test_eq10_hard_negatives_weigh_one_plus_gamma_and_very_hard_ones_one_minus_gamma",
+                 "test_eq10_before_any_psnr_is_measured_every_negative_counts_as_very_hard",
+                 "test_eq11_dpl_equals_the_hand_computed_ratio_with_a_missing_negative",
+                 "test_eq11_dpl_with_no_non_easy_negatives_uses_the_easy_negative_alone"),
+             breaks=TRAINING_RUNS + LOSS_GRADIENTS + TABLE_XI + nodes(
+                 "test_losses.py",
+                 "test_eq10_each_image_counts_its_non_easy_negatives_and_those_weighted_1_minus_gamma")),
+    Exercise(8, "avgPSNR per task", "Eq. (10), Sec. III-D.2", ["losses.py:average_psnr"], nodes(
+        "test_losses.py", "test_eq10_avgpsnr_is_measured_per_stratum_and_each_task_averages_its_sigmas"),
+        breaks=TRAINING_RUNS),
 ]
 
 
@@ -103,6 +161,15 @@ def blank(source, qualname, message):
     return "".join(lines[:first - 1] + stub + lines[node.end_lineno:])
 
 
+def copy_tracked(out):
+    """Copy the files git tracks (no .git, caches, virtualenvs or run outputs) to `out`; returns their names."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:
+        (Path(out) / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, Path(out) / name)
+    return tracked
+
+
 def handout(numbers, out):
     """Copy the tracked files to `out`, with the functions of the chosen exercises blank."""
     out = Path(out)
@@ -111,10 +178,7 @@ def handout(numbers, out):
     exercises = find(numbers)
     if not any(e.functions for e in exercises):
         raise SystemExit("exercises.py: these exercises are experiments, with no function to hand out")
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for name in tracked:
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, out / name)
+    tracked = copy_tracked(out)
     for exercise in exercises:
         for spec in exercise.functions:
             path, qualname = spec.split(":")
@@ -125,17 +189,18 @@ def handout(numbers, out):
     return exercises
 
 
-def run_tests(code_dir, node_ids, timeout=TIMEOUT):
+def run_tests(code_dir, node_ids, timeout=TIMEOUT, marks="slow or not slow"):
     """Run `node_ids` from this repository's tests against the code in `code_dir`; returns {node: message or
     None} with None for a pass. A skipped test counts as a failure; so does a timeout."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "copy"
-        shutil.copytree(Path(code_dir), work, ignore=shutil.ignore_patterns("tests", ".git", "runs", ".venv*"))
+        shutil.copytree(Path(code_dir), work, ignore=shutil.ignore_patterns(
+            "tests", ".git", "runs", "results", "*venv*", "__pycache__", ".pytest_cache"))
         shutil.copytree(REPO / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
         report = Path(tmp) / "report.xml"
         env = {**os.environ, "PERCEIVE_IR_SHARED": str(SHARED)}
         try:
-            subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow or not slow",
+            subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marks,
                             f"--junitxml={report}", *node_ids], cwd=work, env=env, capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return {node: f"timed out after {timeout} s" for node in node_ids}
@@ -174,8 +239,10 @@ def check():
     """Show that every exercise grades: its tests pass on this repository and fail on its handout because
     of the blanked function; and that on a handout of every exercise only the listed tests fail."""
     problems = []
+    reference = tempfile.TemporaryDirectory()
+    copy_tracked(reference.name)
     for exercise in find([]):
-        on_reference = run_tests(REPO, exercise.tests)
+        on_reference = run_tests(reference.name, exercise.tests)
         problems += [f"exercise {exercise.number}: {node} fails on the reference: {m}"
                      for node, m in on_reference.items() if m]
         with tempfile.TemporaryDirectory() as tmp:
@@ -186,9 +253,10 @@ def check():
                      for node, m in on_handout.items() if not m or marker not in m]
         print(f"exercise {exercise.number}: {len(on_reference)} grading tests pass on the reference, "
               f"{sum(bool(m) and marker in m for m in on_handout.values())} fail on the handout")
-    with tempfile.TemporaryDirectory() as tmp:          # every exercise blank: the rest of the suite passes
+    with tempfile.TemporaryDirectory() as tmp:          # every exercise blank: the rest of the default suite passes
         handout([], Path(tmp) / "all")
-        results = run_tests(Path(tmp) / "all", ["tests"], timeout=3 * TIMEOUT)
+        results = run_tests(Path(tmp) / "all", ["tests"], timeout=3 * TIMEOUT, marks="not slow")
+    reference.cleanup()
     expected = {node for e in EXERCISES for node in e.tests + e.breaks}
     unexpected = [node for node, m in results.items() if m and node.split("[")[0] not in expected]
     problems += [f"{node} fails on the handout of every exercise, but no exercise lists it" for node in unexpected]
@@ -202,6 +270,8 @@ def describe():
         if e.functions:
             print("   write:  " + ", ".join(e.functions))
             print("   graded: " + "\n           ".join(e.tests))
+            print(f"   while blank, {len(e.breaks)} other tests fail too:")
+            print("".join(f"           {node}\n" for node in e.breaks), end="")
         else:
             print(f"   an experiment, no function to write: {e.task}")
 
