@@ -535,7 +535,7 @@ SYNTHESIS = {"dehaze": synthetic_haze, "derain": synthetic_rain, "deblur": synth
              "lowlight": synthetic_low_light}              # denoising: noise is added on the fly
 
 
-def make_demo_data(root, seed=0, train_count=24, test_count=3, size_range=(128, 160)):
+def make_demo_data(root, seed=0, train_count=24, test_count=10, size_range=(128, 160)):
     """Write a small generic-layout data set of all five tasks (set "demo") to `root`; returns root."""
     root, threads = Path(root), torch.get_num_threads()
     torch.set_num_threads(1)              # tiny tensors: extra threads only contend (5x slower here)

@@ -1,6 +1,6 @@
 """Training of both Perceive-IR stages (Sec. III-B, Sec. IV-A.4), one code path for python and torchrun.
 
-    python train.py --preset demo                     # offline: generated data, tiny networks, ~3 minutes
+    python train.py --preset demo                     # offline: generated data, tiny networks, ~2 min on 2 cores
     torchrun --standalone --nproc_per_node=8 train.py --data-root DATA --stage restore --batch-size 8
 
 What is in here:

@@ -102,6 +102,7 @@ def test_paper_preset_defaults_of_sec_iv_a4_reach_the_loss_and_adamw(stage1, tmp
     assert (loss.tau, loss.lam, loss.gamma, loss.xi) == (0.1, 2.0, 0.25, (1 / 12, 1 / 6, 1 / 3, 1.0))
     assert loss.use_cl and loss.use_clip and loss.use_dpl
     assert seen["adamw"]["lr"] == 2e-4 and seen["adamw"]["betas"] == (0.9, 0.999)
+    assert seen["adamw"]["weight_decay"] == 1e-4                  # not in the paper: Restormer's (README)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -389,3 +390,23 @@ def test_the_offline_demo_restores_better_than_its_inputs(tmp_path, capsys):
     report = capsys.readouterr().out
     gain = float(re.search(r"mean gain over the inputs: ([+-][\d.]+) dB", report).group(1))
     assert gain > 0, report[-2000:]
+
+
+@pytest.mark.slow
+def test_the_readme_demo_command_gains_on_held_out_images_and_prints_no_alarming_noise(tmp_path):
+    """`python train.py --preset demo`, exactly as a newcomer runs it: the README's output and claims."""
+    result = subprocess.run([sys.executable, "train.py", "--preset", "demo", "--out", str(tmp_path / "demo")],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    for noise in ("No pretrained weights", "Grad strides", "Traceback", "Warning"):
+        assert noise not in output, f"the first run prints {noise!r}:\n{output[-3000:]}"
+    rows = {task: float(after) - float(before)                     # "  dehaze (demo)   12.25 ->  14.43   2/3 right"
+            for task, before, after in re.findall(r"^  (\w+) \(demo[^)]*\) +([\d.]+) -> +([\d.]+)", output, re.M)}
+    assert set(rows) == {"denoise", "dehaze", "derain", "deblur", "lowlight"}, output[-3000:]
+    # Measured at seed 0 (README): denoise +1.75, dehaze +2.42, derain +1.76, lowlight +9.05 dB. Deblurring does
+    # not learn at this scale (-0.16 dB, README): it is held to not losing more than half a dB.
+    assert all(gain >= 0.5 for task, gain in rows.items() if task != "deblur"), rows
+    assert rows["deblur"] > -0.5, rows
+    perceived = [tuple(map(int, hit)) for hit in re.findall(r"(\d)/(\d) right", output)]
+    assert sum(right for right, _ in perceived) >= 0.6 * sum(total for _, total in perceived), output[-1500:]
