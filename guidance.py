@@ -40,7 +40,10 @@ class SemanticGuidance(nn.Module):
     The degraded image is resized to the ViT's input size (224 for ViT-B/14: a 16×16 grid) and
     normalised with ImageNet statistics; the CLS token after each of the four blocks is one F_l.
     # UNSPECIFIED: the paper says neither the input size nor which token F_l ∈ R^768 is; we take the
-    # CLS token (the one 768-d summary of a block) at 224 px, the size timm resamples DINOv2 to.
+    # CLS token (the one 768-d summary of a block) at 224 px, the size timm resamples DINOv2 to, and
+    # squash whole images to 224×224 (training crops are square): the CLS token then summarises all of
+    # the image on the 16×16 grid the position embeddings were resampled for; keeping the aspect ratio
+    # would need a centre crop (losing content) or position embeddings for other grids.
     Frozen: eval mode, no gradients, no autograd graph (no_grad rather than inference_mode,
     because F_l later enters the trainable PGM, which must be able to save it for backward).
     """

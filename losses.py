@@ -34,9 +34,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # UNSPECIFIED: the paper takes V_i from "the 3rd, 7th, 11th, 15th layers" of VGG-16 without saying
 # how layers are counted. We read them as 0-based indices into torchvision's `vgg16().features`,
-# as the authors' released code does: relu1_2, conv2_2, relu3_1, relu3_3 (a 1-based count would
-# give conv1_2, relu2_1, conv3_1, conv3_3). Tap 7 is a conv output; in the released code the
-# in-place ReLU at index 8 overwrites it, so it silently becomes relu2_2. Ours stays conv2_2.
+# as the code in the authors' repository does (House-yuyu/Perceive-IR, read at commit c7f79d4):
+# relu1_2, conv2_2, relu3_1, relu3_3 (1-based: conv1_2, relu2_1, conv3_1, conv3_3). Tap 7 is a conv
+# output; there the in-place ReLU at index 8 overwrites it, so it silently becomes relu2_2. Ours stays conv2_2.
 TAPS = (3, 7, 11, 15)
 TAP_NAMES = ("relu1_2", "conv2_2", "relu3_1", "relu3_3")
 XI = (1 / 12, 1 / 6, 1 / 3, 1.0)        # ξ_3, ξ_7, ξ_11, ξ_15 of Eq. (11)
@@ -122,8 +122,8 @@ def clip_aware_loss(perceiver, restored):
     applies CLIP's normalisation); `perceiver.excellent_index` is the column of T_e.
     """
     # L_clip = 1 − exp(S(Φ_I(I_r), Φ_T(T_e))) / Σ_{k∈{e,m,t}} exp(S(Φ_I(I_r), Φ_T(T_k)))
-    # DEVIATION: Eq. (9) as printed, and the authors' released code, take the softmax of raw cosine
-    # similarities. CLIP's image-text cosines lie in a narrow band (≈ 0.2-0.3), so that softmax is
+    # DEVIATION: Eq. (9) as printed, and the code in the authors' repository (commit c7f79d4), take
+    # the softmax of raw cosines. CLIP's image-text cosines lie in a narrow band (≈ 0.2-0.3), so that softmax is
     # close to uniform (P(excellent) ≈ 1/3 whatever the image) and L_clip is nearly flat. The
     # perceiver multiplies the cosines by CLIP's logit scale (100 for the OpenAI weights), the
     # scale the prompts were learned with in stage 1, so these are the probabilities stage 1 trained.
@@ -293,7 +293,7 @@ def difficulty_adaptive_perceptual_loss(vgg, restored, target, degraded, negativ
     anchor_features = vgg(restored)                  # V_i(I_r) keeps its graph
     # UNSPECIFIED: Eq. (11) does not say whether the ratio is formed per image or over the batch. We
     # form it per image (each image has its own negatives, masks and O_k) and average the ratios
-    # over the batch, as the authors' released code does. M_i is a mean rather than a sum of
+    # over the batch, as the authors' repository (commit c7f79d4) does. M_i is a mean rather than a sum of
     # |V_i(·) − V_i(I_r)|; every M_i of one ratio counts the same elements, so the ratio is the same.
     loss = 0
     for xi_i, anchor, reference in zip(xi, anchor_features, reference_features):

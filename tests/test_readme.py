@@ -63,3 +63,92 @@ def test_the_readme_starts_with_the_two_commands_and_ci_runs_the_same_test_comma
     first_block = README.split("```bash")[1].split("```")[0]
     assert "pip install -r requirements.txt" in first_block and "python -m pytest -q" in first_block
     assert "python -m pytest -q" in (REPO / ".ci" / "run").read_text()
+
+
+def readings(backbone):
+    """Trainable parameters of Perceive-IR under each reading of Eq. (3) and (6) in the README's table,
+    recomputed from the modules themselves: ours, then the native token mixer (MDTA, or NAFBlock's
+    convolutions and SCA) kept beside PGCA, one PGM per level, the refinement TBs made ETBs."""
+    from backbone import MDTA, NAFBlock, TransformerBlock, count_parameters
+    from guidance import GuidedMixer, PerceiveIR
+
+    model = PerceiveIR(backbone, "paper")
+    ours = count_parameters(model)
+    blocks = [m for m in model.modules() if isinstance(m, (TransformerBlock, NAFBlock)) and m.guided]
+
+    def native_mixer(block):
+        dim, heads = block.attn.pgca.q.in_channels, block.attn.pgca.num_heads
+        if isinstance(block, TransformerBlock):
+            return count_parameters(MDTA(dim, heads))
+        plain = NAFBlock(dim)
+        return sum(count_parameters(getattr(plain, name)) for name in ("conv1", "conv2", "conv3", "sca")) + dim
+
+    kept = sum(native_mixer(block) for block in blocks)
+    levels = [list(stage) for stage in (model.backbone.decoders if backbone == "nafnet" else
+              [model.backbone.latent, model.backbone.decoder_level3, model.backbone.decoder_level2,
+               model.backbone.decoder_level1])]
+    extra_pgms = sum(count_parameters(block.attn.modulate) for level in levels for block in level[1:])
+    refinement = list(getattr(model.backbone, "refinement", []))
+    etbs = sum(count_parameters(GuidedMixer(b.attn.qkv.in_channels, b.attn.num_heads, 768)) for b in refinement)
+    mdtas = sum(count_parameters(b.attn) for b in refinement)
+    return {"ours": ours, "kept": ours + kept, "per level": ours - extra_pgms,
+            "refinement": ours + etbs - mdtas, "kept, per level": ours + kept - extra_pgms,
+            "kept, refinement": ours + kept + etbs}
+
+
+def test_the_parameter_readings_table_is_what_the_modules_count():
+    table = README.split("| reading of Eq. (3), (6) |")[1].split("\n\n")[0]
+    rows = [line for line in table.splitlines()[2:] if not line.startswith("| the paper")]
+    labels = ["ours", "kept", "per level", "refinement", "kept, per level", "kept, refinement"]
+    assert len(rows) == len(labels)
+    computed = {name: readings(name) for name in ("restormer", "nafnet")}
+    for label, row in zip(labels, rows):
+        cells = [int(cell.strip().replace(",", "")) for cell in row.split("|")[2:4]]
+        assert cells == [computed["restormer"][label], computed["nafnet"][label]], f"{label}: {row}"
+
+
+TEACHING_FILES = {"backbone.py": 600, "guidance.py": 600, "clip_prompts.py": 600, "losses.py": 600, "data.py": 600,
+                  "train.py": 700, "evaluate.py": 700}
+
+
+def comment_ratio(path):
+    """Lines holding a # comment per 100 code lines (neither blank, comment-only nor docstring)."""
+    import io
+    import tokenize
+    source = path.read_text()
+    docstrings = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node) is not None:
+            docstrings |= set(range(node.body[0].lineno, node.body[0].end_lineno + 1))
+    commented = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                 if tok.type == tokenize.COMMENT}
+    code = [n for n, line in enumerate(source.splitlines(), 1)
+            if line.strip() and not line.strip().startswith("#") and n not in docstrings]
+    return 100 * len(commented) / len(code)
+
+
+def test_the_teaching_files_keep_their_reading_budgets():
+    for name, budget in TEACHING_FILES.items():
+        lines = (REPO / name).read_text().splitlines()
+        assert len(lines) <= budget, f"{name} has {len(lines)} lines, over its budget of {budget}"
+        wide = [n for n, line in enumerate(lines, 1) if len(line) > 120]
+        assert not wide, f"{name}: lines over 120 columns: {wide}"
+    for name in ("train.py", "evaluate.py"):
+        assert comment_ratio(REPO / name) >= 20, f"{name}: fewer than 20 comment lines per 100 code lines"
+
+
+def test_every_flag_of_train_and_evaluate_is_in_a_readme_recipe_or_a_test():
+    tests = "".join(path.read_text() for path in (REPO / "tests").glob("*.py"))
+    for name in ("train.py", "evaluate.py"):
+        flags = set(re.findall(r'\badd(?:_argument)?\(\s*"(--[\w-]+)"', (REPO / name).read_text()))
+        assert len(flags) > 10
+        named = set(re.findall(r"--[\w-]+", README + tests))
+        unused = sorted(flag for flag in flags if flag not in named and "--no-" + flag[2:] not in named)
+        assert not unused, f"{name} flags neither in the README nor in a test: {unused}"
+
+
+def test_nothing_refers_to_notes_or_files_outside_the_repository():
+    pattern = re.compile(r"FACTS\.md|\bissue #?\d+|\.\./shared", re.I)
+    for path in [REPO / "README.md", *REPO.glob("*.py")]:
+        hits = [n for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+        assert not hits, f"{path.name} refers outside the repository on lines {hits}"
