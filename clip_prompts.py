@@ -11,9 +11,8 @@ What is in here:
   `--clip-weights` file, or a tiny random stand-in) and its differentiable 224×224 input.
 - `PromptLearner` (Table XII initialisations) and `encode_prompts`: prompts through CLIP's text
   tower, cut right after the end token.
-- `prompt_logits`, `prompt_loss` (Eq. 1), `quality_views`, `build_embedding_bank`, `embedding_dataset`,
-  `sample_bank`, `prompt_step`: features of the crops L_clip judges are cached once, so a step costs
-  only the text tower.
+- `prompt_logits`, `prompt_loss` (Eq. 1), `quality_views`, `build_embedding_bank`, `embedding_dataset`:
+  features of the crops L_clip judges are cached once, so a step (train.py) costs only the text tower.
 - `QualityPerceiver` and `save_prompts` / `load_prompts`: the trained prompts as P(level | image).
 - Medium-quality images by 2-fold cross-validation: `two_fold_split`, `cross_validation_rounds`,
   `held_out_split` (10% of the triplets kept out of prompt training),
@@ -283,23 +282,6 @@ def embedding_dataset(clip_model, triplets, views, num_levels=3, num_workers=0):
     return [{"features": f, "labels": torch.arange(num_levels)} for f in torch.cat(shares)]   # a list is a dataset
 
 
-def sample_bank(features, labels, num_levels, batch_triplets=32, generator=None):
-    """Rows of `batch_triplets` random triplets (all K tiers of each, so the levels stay balanced)."""
-    triplets = torch.randint(len(features) // num_levels, (batch_triplets,), generator=generator)
-    rows = (triplets[:, None] * num_levels + torch.arange(num_levels)).reshape(-1)  # (B·K,)
-    return features[rows], labels[rows]
-
-
-def prompt_step(learner, optimizer, image_features, labels, logit_scale, truncate=True):
-    """One optimisation step of Eq. (1) on a batch of image features; returns (loss, accuracy)."""
-    device = learner.embeddings.device
-    loss, accuracy = prompt_loss(learner, image_features.to(device), labels.to(device), logit_scale, truncate)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item(), accuracy.item()
-
-
 # --- The quality perceiver (used by Eq. 9 and evaluation) and the prompt checkpoint --------------------------------
 
 class QualityPerceiver(nn.Module):
@@ -526,12 +508,13 @@ def self_check():
     labels = torch.arange(3).repeat(24)
     learner = PromptLearner(clip_model)
     optimizer = torch.optim.AdamW(learner.parameters(), lr=1e-2)
-    for step in range(301):
+    for step in range(301):                                   # full-batch Eq. (1) on the cached features
+        loss, accuracy = prompt_loss(learner, features, labels, logit_scale)
         if step % 100 == 0:
-            with torch.no_grad():
-                loss, accuracy = prompt_loss(learner, features, labels, logit_scale)
             print(f"step {step:3d}  L_ce {loss:.3f}  accuracy {accuracy:.2f} (toy clean / σ=0.2 / σ=0.8)")
-        prompt_step(learner, optimizer, *sample_bank(features, labels, 3, 16), logit_scale)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
 
 
 def main(argv=None):

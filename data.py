@@ -423,11 +423,14 @@ class TestSet(torch.utils.data.Dataset):
             _same_size(degraded, target, source, target_path)
         else:   # UNSPECIFIED: the test noise seed; ours is the file name and σ, never the listing order
             degraded = add_gaussian_noise(target, self.sigma, _rng("test", name, self.sigma))
-        if self.crop_multiple:       # UNSPECIFIED in the paper; PromptIR-family protocol: centre crop to k · m
-            (H, W), m = target.shape[-2:], self.crop_multiple
-            degraded, target = (i[:, H % m // 2:H % m // 2 + H // m * m, W % m // 2:W % m // 2 + W // m * m]
-                                for i in (degraded, target))
-        return {"degraded": degraded, "target": target, "name": name}
+        return {"degraded": self.crop(degraded), "target": self.crop(target), "name": name}
+
+    def target(self, index):       # the target alone, cropped as in an item: scoring outputs reads no input
+        return self.crop(read_image(self.pairs[index][1]))
+
+    def crop(self, image):         # UNSPECIFIED in the paper; PromptIR-family protocol: centre crop to k · m
+        (H, W), m = image.shape[-2:], self.crop_multiple or 1
+        return image[:, H % m // 2:H % m // 2 + H // m * m, W % m // 2:W % m // 2 + W // m * m]
 
 
 def build_test_sets(root, tasks, sigmas=SIGMAS, crop_multiple=None, problems=None):
@@ -575,7 +578,13 @@ def check(root, tasks):
     return len(problems)
 
 
-def main(args):
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Perceive-IR data: check a dataset, write the demo (Sec. IV-A)")
+    parser.add_argument("--check", metavar="ROOT", help="scan ROOT's train and test splits: counts and problems")
+    parser.add_argument("--make-demo", metavar="DIR", help="write the built-in demo data set to DIR")
+    parser.add_argument("--tasks", default="N+H+R+B+L", help="N+H+R or N+H+R+B+L (Sec. IV-A.1), or a subset")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the demo data")
+    args = parser.parse_args(argv)
     tasks = parse_tasks(args.tasks)
     if args.make_demo:
         return print(f"demo data written to {make_demo_data(args.make_demo, args.seed)}")
@@ -587,14 +596,5 @@ def main(args):
                            if k != "key"})
 
 
-def get_args():
-    parser = argparse.ArgumentParser(description="Perceive-IR data: check a dataset, write the demo (Sec. IV-A)")
-    parser.add_argument("--check", metavar="ROOT", help="scan ROOT's train and test splits: counts and problems")
-    parser.add_argument("--make-demo", metavar="DIR", help="write the built-in demo data set to DIR")
-    parser.add_argument("--tasks", default="N+H+R+B+L", help="N+H+R or N+H+R+B+L (Sec. IV-A.1), or a subset")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the demo data")
-    return parser.parse_args()
-
-
 if __name__ == "__main__":
-    main(get_args())
+    main()

@@ -124,7 +124,7 @@ def check_pair(restored, target, convention):
     if target.min() < 0 or target.max() > 1:                                       # an 8-bit image, not / 255
         raise ValueError(f"target must lie in [0, 1], got [{target.min():g}, {target.max():g}]; "
                          "divide 8-bit images by 255")
-    restored, target = restored.double().clamp(0, 1), target.double()
+    restored, target = restored.cpu().double().clamp(0, 1), target.cpu().double()          # float64, on the CPU
     return (restored[None], target[None]) if restored.dim() == 3 else (restored, target)
 
 
@@ -434,7 +434,7 @@ def score_into(tables, test_set, pairs, run, lpips=None):
     for name, restored, target in pairs:
         row = {"name": name, "lpips": lpips(restored.clamp(0, 1), target).item() if lpips else None}
         for convention in tables:                                           # every convention from the same restoration
-            metrics = compute_metrics_per_image(restored.cpu(), target.cpu(), convention)
+            metrics = compute_metrics_per_image(restored, target, convention)
             row[convention] = (metrics["psnr"][0], metrics["ssim"][0])
         rows.append(row)
     if run.distributed:                                      # every rank's images, on every rank
@@ -490,7 +490,7 @@ def prediction_pairs(folder, test_set, problems):
         if index not in matched:
             problems.append(f"{folder}: no prediction for {(source or target).name}")
             continue
-        target_image, prediction = test_set[index]["target"], data.read_image(matched[index])
+        target_image, prediction = test_set.target(index), data.read_image(matched[index])
         if prediction.shape != target_image.shape:
             (h, w), (th, tw) = prediction.shape[-2:], target_image.shape[-2:]           # (H, W) of both
             problems.append(f"size mismatch: {matched[index]} is {w}x{h}, its target {tw}x{th} "
@@ -671,7 +671,7 @@ def main(args):
         restorer = Restorer.from_checkpoint(args.checkpoint, run.device, args.dino_weights, overlap=args.tile_overlap,
                                             prior_size=args.prior_size)
         if args.input:                                        # your own images: tiles above 512 px by default
-            restorer.tile = 512 if args.tile is None else args.tile or None             # own images: tiles above 512 px
+            restorer.tile = 512 if args.tile is None else args.tile or None
             perceiver = (clip_prompts.QualityPerceiver.from_checkpoint(args.prompts, args.clip_weights, run.device)
                          if args.prompts else None)
             return 1 if restore_files(restorer, args.input, args.output, args.grid, perceiver, run.device) else 0

@@ -103,17 +103,23 @@ def prompt_step_times(device, repeats):
     learner = clip_prompts.PromptLearner(clip_model)
     optimizer = torch.optim.AdamW(learner.parameters(), lr=4e-5)                  # Sec. IV-A.4
     logit_scale = clip_model.logit_scale.exp()
-    bank = torch.nn.functional.normalize(torch.randn(3000, 512, device=device), dim=-1)   # 1000 crops
-    bank_labels = torch.arange(3, device=device).repeat(1000)
-    images, labels = torch.rand(96, 3, 128, 128, device=device), bank_labels[:96]    # 32 triplets of crops
+    bank = torch.nn.functional.normalize(torch.randn(1000, 3, 512, device=device), dim=-1)   # 1000 crops × K
+    images, labels = torch.rand(96, 3, 128, 128, device=device), torch.arange(3, device=device).repeat(32)
+
+    def optimise(loss):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
     def naive():
         with torch.no_grad():
             features = clip_model.encode_image(clip_prompts.clip_preprocess(images), normalize=True)
-        clip_prompts.prompt_step(learner, optimizer, features, labels, logit_scale, truncate=False)
+        optimise(clip_prompts.prompt_loss(learner, features, labels, logit_scale, truncate=False)[0])
 
-    def cached():
-        clip_prompts.prompt_step(learner, optimizer, *clip_prompts.sample_bank(bank, bank_labels, 3, 32), logit_scale)
+    def cached():                                     # train.py's step on 32 cached triplets, as fit() runs it
+        rows = torch.randint(len(bank), (32,), device=device)
+        batch = {"features": bank[rows], "labels": torch.arange(3, device=device).expand(32, 3)}
+        optimise(train.prompt_step(learner, batch, {}, logit_scale)[0])
 
     return milliseconds(naive, repeats, device), milliseconds(cached, 5 * repeats, device)
 
