@@ -381,7 +381,7 @@ class ResultTable:
 # --- Restoring the test sets with a trained checkpoint, or scoring another method's outputs ------------------------
 
 # Peak memory of one whole-image pass of the paper config (float32, DINOv2 included), a line through two sizes
-# measured by `python tests/benchmark.py` on a CPU (4.96-6.5 GB/MP over two runs: the upper one, to err high).
+# measured by `python tests/benchmark.py` on a CPU (4.96-6.50 GB/MP over three runs: the upper one, to err high).
 WHOLE_IMAGE_GB = {"base": 1.7, "per_megapixel": 6.5}
 
 
