@@ -19,8 +19,8 @@ from PIL import Image
 
 import data
 import train
-from evaluate import (AVERAGE_OF_IMAGES, AVERAGE_OF_SETS, Restorer, ResultTable, build_lpips, compute_metrics,
-                      compute_metrics_per_image, gaussian_window, get_args, main, rgb_to_y, ssim)
+from evaluate import AVERAGE_OF_IMAGES, AVERAGE_OF_SETS, Restorer, ResultTable, get_args, main
+from metrics import build_lpips, compute_metrics, compute_metrics_per_image, gaussian_window, rgb_to_y, ssim
 
 REPO = Path(__file__).resolve().parents[1]
 
