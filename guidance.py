@@ -236,13 +236,15 @@ class GuidedMixer(nn.Module):
     # modulate only the level's first input, and 9.34M of our 36.79M parameters are these PGMs).
     # UNSPECIFIED: Y and X are normalised with the block's pre-norm LN, as Restormer does before
     # every attention; the refinement blocks after level 1 stay plain TBs.
+    A backbone whose own attention is spatial (GRL) may pass `attention`, a module called as
+    attention(query_source, key_source): its attention made cross then takes PGCA's place.
     """
 
-    def __init__(self, dim, num_heads, semantic_dim, code_dim=CODE_DIM, use_pgm=True):
+    def __init__(self, dim, num_heads, semantic_dim, code_dim=CODE_DIM, use_pgm=True, attention=None):
         super().__init__()
         self.modulate = (PGM(semantic_dim + code_dim, dim) if use_pgm
                          else PriorProjection(semantic_dim, dim))
-        self.pgca = PGCA(dim, num_heads)
+        self.pgca = PGCA(dim, num_heads) if attention is None else attention
 
     def forward(self, x, norm, prior):
         y = self.modulate(x, prior)                                              # Y_l, Eq. (6)
@@ -272,8 +274,8 @@ class PerceiveIR(nn.Module):
         self.guided, self.use_dino, self.use_cfe = guided, use_dino, use_cfe
         self.semantic_dim, self.code_dim = semantic_dim, code_dim
 
-        def mixer(level, dim, num_heads):
-            return GuidedMixer(dim, num_heads, semantic_dim, code_dim, use_pgm)
+        def mixer(level, dim, num_heads, attention=None):
+            return GuidedMixer(dim, num_heads, semantic_dim, code_dim, use_pgm, attention)
 
         self.backbone = build_backbone(backbone, backbone_config, guided_attention=mixer if guided else None)
         if not guided:
