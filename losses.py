@@ -20,6 +20,7 @@ What is in here:
 - `PerceiveIRLoss`: L_total of Eq. (13), one switch per term; `TABLE_XI` names the ablation rows.
 """
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -342,6 +343,16 @@ class PerceiveIRLoss:
         self.tau, self.lam, self.xi, self.gamma = tau, lam, tuple(xi), gamma
 
     def __call__(self, restored, batch, code=None, code_positive=None, avg_psnr=None):
+        # Every term in float32, whatever autocast did upstream (--amp bf16): bf16 keeps 8 bits of mantissa,
+        # so a loss near 1.4 would move in steps of 1/64 and the small differences the terms measure vanish.
+        device = restored.device.type             # (devices without autocast, e.g. "meta", have nothing to switch off)
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+            restored = restored.float()
+            code, code_positive = (None if z is None else z.float() for z in (code, code_positive))
+            return self.loss_terms(restored, batch, code, code_positive, avg_psnr)
+
+    def loss_terms(self, restored, batch, code, code_positive, avg_psnr):
+        """L_total of Eq. (13) and its parts, in float32 (called by __call__)."""
         zero = restored.new_zeros(())
         loss_rec = reconstruction_loss(restored, batch["target"])
         loss_cl, cl_valid_fraction = zero, zero

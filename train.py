@@ -102,6 +102,7 @@ def get_args(argv=None):
     add("--no-dino", action="store_true", help="learnable F_l (Table X 'w/o DINO-v2')")
     add("--no-pgm", action="store_true", help="projection of F_l only (Table X 'w/o PGM')")
     add("--no-cfe", action="store_true", help="learnable Z (Table X 'w/o CFE'); turns L_cl off")
+    add("--init", default=None, help="fine-tune: start from this restore checkpoint's weights (Table VI †)")
     # --- stage 2: losses (Sec. III-D, III-E); a weight of 0 switches a term off (Table XI) ---
     add("--lambda-cl", type=float, default=0.1, help="λ1 (Sec. IV-A.4: 0.1)")
     add("--lambda-clip", type=float, default=0.05, help="λ2 (Sec. IV-A.4: 0.05)")
@@ -128,7 +129,8 @@ def get_args(argv=None):
     add("--grad-clip", type=float, default=0.0, help="max gradient norm, 0 = off (not given)")
     # --- system ---
     add("--amp", choices=["none", "bf16"], default="none", help="autocast dtype (GPUs)")
-    add("--compile", action="store_true", help="torch.compile the trainable network (GPUs)")
+    add("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+        help="torch.compile the trainable network (GPUs; default backend inductor)")
     add("--log-every", type=int, default=100, help="steps between log lines (log.jsonl)")
     add("--save-every", type=int, default=2000, help="steps between writes of last.pt")
     add("--snapshot-every", type=int, default=50_000, help="steps between kept snapshots, 0 = none")
@@ -170,8 +172,12 @@ def parse_resample(spec):
         raise ValueError(f"--resample {spec!r}: expected task=ratio pairs, e.g. denoise=3,derain=120") from None
 
 
+ARCHITECTURE = ("backbone", "backbone_config", "dino", "no_guidance", "no_dino", "no_pgm", "no_cfe")
+
+
 def build_model(config):
-    """Perceive-IR from a dict of args (also a checkpoint's own "args": evaluate.py rebuilds with it)."""
+    """Perceive-IR from a dict of args (also a checkpoint's own "args": evaluate.py rebuilds with it); the
+    ARCHITECTURE settings decide its weights' shapes."""
     return PerceiveIR(config["backbone"], config["backbone_config"], semantic_dim=SEMANTIC_DIM[config["dino"]],
                       guided=not config["no_guidance"], use_dino=not config["no_dino"],
                       use_pgm=not config["no_pgm"], use_cfe=not config["no_cfe"])
@@ -375,6 +381,19 @@ def log_progress(run, name, out_dir, sums, state, steps, iters, lr, images_per_s
                                   "avg_psnr": state["avg_psnr"]}) + "\n")
 
 
+def train_step(net, optimizer, step_fn, batch, state, amp="none", grad_clip=0.0):
+    """One optimisation step, as fit() runs it (tests/benchmark.py times and measures this very function)."""
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.zero_grad(set_to_none=True)             # before the forward: its activations never meet old grads
+    with torch.autocast(trainable[0].device.type, torch.bfloat16, enabled=amp == "bf16"):    # --amp bf16
+        total, parts = step_fn(net, batch, state)     # (the losses themselves are float32: losses.py)
+    total.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    optimizer.step()
+    return total, parts
+
+
 # --- The shared training loop --------------------------------------------------------------------------------------
 
 def fit(args, run, name, model, step_fn, dataset, iters, lr, batch_size, out_dir, given=None,
@@ -393,10 +412,12 @@ def fit(args, run, name, model, step_fn, dataset, iters, lr, batch_size, out_dir
     if state["step"] >= iters:
         run.print0(f"{name}: already trained for {iters} steps ({out_dir / 'last.pt'})")
         return model, state
-    net = torch.compile(model) if args.compile else model                       # only the trainable network is compiled
-    if run.distributed:                                   # only the trainable network is wrapped; the
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")  # depthwise
-        net = DDP(net, device_ids=[run.device.index] if run.device.type == "cuda" else None)  # grads: a KB copy
+    net = model                                           # only the trainable network is wrapped and compiled
+    if run.distributed:                                   # the depthwise convolutions' grads: a KB copy
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        net = DDP(net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if args.compile:                                      # DDP first: compile then splits the graph at its buckets
+        net = torch.compile(net, backend=args.compile)    # (checkpoints still hold `model`'s plain keys)
     sampler = torch.utils.data.distributed.DistributedSampler(
         dataset, num_replicas=run.world, rank=run.rank, shuffle=True, seed=args.seed, drop_last=True)
     steps_per_pass = len(sampler) // per_rank                               # drop_last: every rank takes the same steps
@@ -410,7 +431,6 @@ def fit(args, run, name, model, step_fn, dataset, iters, lr, batch_size, out_dir
                f"{batch_size} = {run.world} × {per_rank} per process, {iters} steps, epoch = {epoch_iters} steps")
     handlers = {s: signal.signal(s, lambda signum, _: STOP.update(signal=signal.Signals(signum).name))
                 for s in STOP_SIGNALS}
-    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
     stop_at = min(iters, state["step"] + args.stop_after) if args.stop_after else iters
     step, iterator, sums = state["step"], None, {}                                  # `iterator` is rebuilt at each pass
     guard, since = {"first_bad": torch.full((), -1, device=run.device), "parts": {}}, (time.time(), step)
@@ -429,13 +449,7 @@ def fit(args, run, name, model, step_fn, dataset, iters, lr, batch_size, out_dir
                      for k, v in next(iterator).items()}
             for group in optimizer.param_groups:                                # warmup + cosine, set before every step
                 group["lr"] = get_lr(step, lr, iters, min(args.warmup, iters // 10), args.min_lr)
-            with autocast:
-                total, parts = step_fn(net, batch, state)
-            optimizer.zero_grad(set_to_none=True)                                  # set_to_none: no zero-filled buffers
-            total.backward()
-            if args.grad_clip:
-                torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
-            optimizer.step()
+            total, parts = train_step(net, optimizer, step_fn, batch, state, args.amp, args.grad_clip)
             parts = {"total": total.detach(), **{k: v.float() for k, v in parts.items()}}
             record_losses(guard, step, parts)             # on the device: no host sync in the step
             sums = {k: sums.get(k, 0) + v for k, v in parts.items()}            # summed on the device, read at log time
@@ -566,8 +580,23 @@ def restore_step(net, batch, state, sgm, criterion, use_cl, uses_dino, strata):
     return total, parts
 
 
+def init_weights(model, args):
+    """--init: a trained restore checkpoint's weights, strictly, for a fine-tune on new data (Table VI †). The
+    optimiser, schedule, avgPSNR and centroids start afresh, and the frozen networks are this run's own."""
+    checkpoint = load_checkpoint(args.init, "--init")
+    if checkpoint["stage"] != "restore":
+        raise SystemExit(f"--init {args.init}: a {checkpoint['stage']} checkpoint; a fine-tune starts from a restore one")
+    other = [f"--{key.replace('_', '-')} {checkpoint['args'].get(key)} there, {getattr(args, key)} here"
+             for key in ARCHITECTURE if checkpoint["args"].get(key) != getattr(args, key)]
+    if other:
+        raise SystemExit(f"--init {args.init}: another network ({'; '.join(other)}); pass the same settings")
+    model.load_state_dict(checkpoint["model"])
+
+
 def run_restore(args, run, samples, frozen, resume):
     sgm, model = frozen["sgm"], build_model(vars(args))                         # DINOv2 stays outside the trained model
+    if args.init:                             # a fine-tune; --resume auto then continues the fine-tune itself
+        init_weights(model, args)
     use_cl = args.lambda_cl > 0 and model.guided and model.use_cfe          # Z exists only with CFE
     if args.lambda_cl > 0 and not use_cl:
         run.print0("restore: L_cl needs the CFE codes; it is off in this ablation")

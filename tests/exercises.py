@@ -110,7 +110,7 @@ EXERCISES = [
     Exercise(4, "How many prompts?", "Table XII, Sec. IV-F.3", task=(
         "train stage 1 with `--prompt-words excellent terrible`, the default three words and four words, "
         "and compare the held-out accuracy each prompts.pt records")),
-    Exercise(5, "The total loss and its ablations", "Eq. (13), Table XI", ["losses.py:PerceiveIRLoss.__call__"],
+    Exercise(5, "The total loss and its ablations", "Eq. (13), Table XI", ["losses.py:PerceiveIRLoss.loss_terms"],
              TABLE_XI + nodes("test_losses.py",
                               "test_eq10_each_image_counts_its_non_easy_negatives_and_those_weighted_1_minus_gamma"),
              breaks=TRAINING_RUNS + LOSS_GRADIENTS + nodes(
