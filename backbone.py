@@ -8,14 +8,15 @@ What is in here:
 - `MDTA`, `GDFN`, `TransformerBlock` (TB, Eq. 2): Restormer's blocks (Zamir et al., CVPR 2022),
   written from its paper; with a guided attention plugged in, a TB becomes an ETB (Eq. 3).
 - `Restormer`: the paper's backbone (Eq. 4), key-for-key compatible with official checkpoints.
-- `NAFBlock`, `NAFNet`: the second backbone of Table XV (Chen et al., ECCV 2022).
-- `build_backbone(name, config)`: named configs ("paper", "tiny") for both backbones.
+- `NAFBlock`, `NAFNet`: the second backbone of Table XV (Chen et al., ECCV 2022); X-Restormer and GRL,
+  the other two, are in `xrestormer.py` and `grl.py`.
+- `CONFIGS` of each network: named configs ("paper", "tiny"); `guidance.build_backbone` builds by name.
 - `tiled_forward`: overlapping tiles with blending, so any image size runs in bounded memory.
 
-The guidance interface, shared by both backbones: a backbone is built with
+The guidance interface, shared by the four backbones: a backbone is built with
 `guided_attention=factory`, where `factory(level, dim, num_heads)` returns the token mixer of every
 block at guided level l ∈ {1, 2, 3, 4} (l = 1 is the finest decoder level, l = 4 the coarsest,
-Fig. 4). At run time `forward(image, priors)` hands `priors[l - 1]` (one vector per image) to
+Fig. 4); GRL also passes its own attention (`attention=`), which the mixer makes cross. At run time `forward(image, priors)` hands `priors[l - 1]` (one vector per image) to
 each guided block, which calls `mixer(x, norm, prior)` and uses the returned X_l^m (Eq. 8).
 With `guided_attention=None` the blocks are plain blocks and the network is exactly the original.
 """
@@ -222,6 +223,20 @@ class Restormer(nn.Module):
     decoder level, Fig. 4). The refinement blocks stay plain TBs.
     """
 
+    CONFIGS = {
+        # Sec. IV-A.4: blocks [4, 6, 6, 8], heads [1, 2, 4, 8], channels [48, 96, 192, 384], 4 refinement.
+        "paper": dict(dim=48, num_blocks=[4, 6, 6, 8], num_refinement_blocks=4, heads=[1, 2, 4, 8],
+                      ffn_expansion_factor=2.66, bias=False, LayerNorm_type="WithBias"),
+        # Tests and the offline demo: same topology, a few thousand times cheaper.
+        "tiny": dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 2, 4],
+                     ffn_expansion_factor=2.66, bias=False, LayerNorm_type="WithBias"),
+    }
+
+    @staticmethod
+    def size_multiple(config):
+        """Every side is padded to a multiple of 8: three 2× downsamplings."""
+        return 8
+
     # Keys of the official code: keep them, released checkpoints load by these names.
     def __init__(self, inp_channels=3, out_channels=3, dim=48, num_blocks=(4, 6, 6, 8),
                  num_refinement_blocks=4, heads=(1, 2, 4, 8), ffn_expansion_factor=2.66, bias=False,
@@ -369,6 +384,20 @@ class NAFNet(nn.Module):
     # guide the four decoder stages, F_1 at the finest (l = 1), and keep the middle blocks plain.
     """
 
+    CONFIGS = {
+        # UNSPECIFIED: the paper does not give its NAFNet config; we use the width-32 model whose
+        # 17.11M parameters match Table II's NAFNet entry (NAFNet's GoPro config).
+        "paper": dict(width=32, middle_blk_num=1, enc_blk_nums=[1, 1, 1, 28], dec_blk_nums=[1, 1, 1, 1],
+                      pgca_heads=[1, 2, 4, 8]),
+        "tiny": dict(width=8, middle_blk_num=1, enc_blk_nums=[1, 1, 1, 1], dec_blk_nums=[1, 1, 1, 1],
+                     pgca_heads=[1, 2, 2, 4]),
+    }
+
+    @staticmethod
+    def size_multiple(config):
+        """Every side is padded to 2 per downsampling, one per encoder stage (16 for both configs)."""
+        return 2 ** len(config["enc_blk_nums"])
+
     def __init__(self, img_channel=3, width=32, middle_blk_num=1, enc_blk_nums=(1, 1, 1, 28),
                  dec_blk_nums=(1, 1, 1, 1), pgca_heads=(1, 2, 4, 8), guided_attention=None):
         super().__init__()
@@ -420,49 +449,7 @@ class NAFNet(nn.Module):
         return x[..., :H, :W]
 
 
-# --- Named configs (Sec. IV-A.4, Table XV) and tiled inference -----------------------------------------------------
-
-CONFIGS = {
-    # Sec. IV-A.4: blocks [4, 6, 6, 8], heads [1, 2, 4, 8], channels [48, 96, 192, 384], 4 refinement.
-    ("restormer", "paper"): dict(dim=48, num_blocks=[4, 6, 6, 8], num_refinement_blocks=4,
-                                 heads=[1, 2, 4, 8], ffn_expansion_factor=2.66, bias=False,
-                                 LayerNorm_type="WithBias"),
-    # Tests and the offline demo: same topology, a few thousand times cheaper.
-    ("restormer", "tiny"): dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1,
-                                heads=[1, 2, 2, 4], ffn_expansion_factor=2.66, bias=False,
-                                LayerNorm_type="WithBias"),
-    # UNSPECIFIED: the paper does not give its NAFNet config; we use the width-32 model whose
-    # 17.11M parameters match Table II's NAFNet entry (NAFNet's GoPro config).
-    ("nafnet", "paper"): dict(width=32, middle_blk_num=1, enc_blk_nums=[1, 1, 1, 28],
-                              dec_blk_nums=[1, 1, 1, 1], pgca_heads=[1, 2, 4, 8]),
-    ("nafnet", "tiny"): dict(width=8, middle_blk_num=1, enc_blk_nums=[1, 1, 1, 1],
-                             dec_blk_nums=[1, 1, 1, 1], pgca_heads=[1, 2, 2, 4]),
-}
-BACKBONES = {"restormer": Restormer, "nafnet": NAFNet}
-
-
-def backbone_config(name, config):
-    """Resolve a named config ("paper", "tiny") or pass a dict of constructor keywords through."""
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)} (--backbone)")
-    if isinstance(config, dict):
-        return dict(config)
-    if (name, config) not in CONFIGS:
-        names = sorted(c for b, c in CONFIGS if b == name)
-        raise ValueError(f"unknown config {config!r} for {name}; choose one of {names} or pass a dict")
-    return dict(CONFIGS[(name, config)])
-
-
-def build_backbone(name, config="paper", guided_attention=None):
-    """`build_backbone("restormer", "paper")` → the 26,126,644-parameter Restormer of the paper."""
-    kwargs = backbone_config(name, config)
-    return BACKBONES[name](**kwargs, guided_attention=guided_attention)
-
-
-def size_multiple(name, config="paper"):
-    """The factor every side is padded to: 2 per downsampling (Restormer: 3 of them; NAFNet: 1 per stage)."""
-    return 2 ** len(backbone_config(name, config)["enc_blk_nums"]) if name == "nafnet" else 8
-
+# --- Tiled inference ------------------------------------------------------------------------------------------------
 
 def count_parameters(module, trainable=True):
     return sum(p.numel() for p in module.parameters() if p.requires_grad == trainable)
@@ -512,10 +499,10 @@ def tiled_forward(restore, image, tile=512, overlap=32):
 
 
 if __name__ == "__main__":
-    for (name, config) in CONFIGS:
-        model = build_backbone(name, config)
-        print(f"{name:9s} {config:5s} {count_parameters(model):>12,d} parameters")
-    model = build_backbone("restormer", "tiny").eval()
+    for network in (Restormer, NAFNet):
+        for name, config in network.CONFIGS.items():
+            print(f"{network.__name__:9s} {name:5s} {count_parameters(network(**config)):>12,d} parameters")
+    model = Restormer(**Restormer.CONFIGS["tiny"]).eval()
     with torch.no_grad():
         out = model(torch.rand(1, 3, 37, 53))
     print(f"tiny Restormer: input (1, 3, 37, 53) -> output {tuple(out.shape)}")

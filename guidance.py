@@ -13,7 +13,8 @@ What is in here:
 - `PGM` (Eq. 6): Y_l = X_l^d ⊙ (1 + γ) + β with (γ, β) from concat(F_l, Z).
 - `PGCA` (Eq. 7-8): channel cross-attention, query from Y_l, key/value from X_l^d, residual + Y_l.
 - `GuidedMixer`: PGM then PGCA, the token mixer an ETB uses in place of MDTA.
-- `PerceiveIR`: any backbone of `backbone.py` + the guidance; the ablations of Table X.
+- `BACKBONES`, `build_backbone`: the four backbones of Table XV (`backbone.py`, `xrestormer.py`, `grl.py`).
+- `PerceiveIR`: any of them + the guidance; the ablations of Table X.
 - `restore_image`: any image size, the backbone optionally on tiles, the priors from the whole image.
 - `degradation_centroids`, `perceive`: per-task centroids of Z, and what the model perceives in an image.
 
@@ -25,11 +26,38 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone import build_backbone, channel_attention, count_parameters, tiled_forward
+from backbone import NAFNet, Restormer, channel_attention, count_parameters, tiled_forward
+from grl import GRL
+from xrestormer import XRestormer
 
 CODE_DIM = 128                      # Z ∈ R^{1×128} (Sec. III-C.2)
 CFE_WIDTHS = {"paper": (64, 128, 256), "tiny": (16, 32, 64)}   # follow the backbone's named config
 DINO_BLOCKS = (0, 3, 7, 11)         # Eq. (5): i = 1, 4, 8, 12, 1-based → 0-based block indices
+BACKBONES = {"restormer": Restormer, "nafnet": NAFNet, "xrestormer": XRestormer, "grl": GRL}   # Table XV
+
+
+def backbone_config(name, config):
+    """Resolve a named config ("paper", "tiny") of a backbone, or pass a dict of constructor keywords through."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)} (--backbone)")
+    if isinstance(config, dict):
+        return dict(config)
+    if config not in BACKBONES[name].CONFIGS:
+        raise ValueError(f"unknown config {config!r} for {name}; choose one of {sorted(BACKBONES[name].CONFIGS)} "
+                         "or pass a dict")
+    return dict(BACKBONES[name].CONFIGS[config])
+
+
+def build_backbone(name, config="paper", guided_attention=None):
+    """`build_backbone("restormer", "paper")` → the 26,126,644-parameter Restormer of the paper."""
+    kwargs = backbone_config(name, config)                    # an unknown name or config: a clear error
+    return BACKBONES[name](**kwargs, guided_attention=guided_attention)
+
+
+def size_multiple(name, config="paper"):
+    """The multiple every side is padded to (training crops must be one): Restormer 8, NAFNet 16, X-Restormer
+    8 × window (64), GRL the windows and stripes (128)."""
+    return BACKBONES[name].size_multiple(backbone_config(name, config))
 
 
 # --- SGM: frozen DINOv2 (Sec. III-C.3, Eq. 5) ----------------------------------------------------------------------
@@ -376,18 +404,18 @@ def perceive(model, centroids, degraded):
              "unfamiliar": bool(row.max() < centroids["threshold"])} for row in similarity]
 
 
-BACKBONE_GROUPS = {   # top-level backbone modules of Restormer and NAFNet → part of Fig. 4(a)
+BACKBONE_GROUPS = {   # top-level backbone modules → part of Fig. 4(a); GRL's stages count by whether they are guided
     "encoder": ("patch_embed", "encoder_level1", "encoder_level2", "encoder_level3", "down1_2", "down2_3",
-                "down3_4", "intro", "encoders", "downs"),
+                "down3_4", "intro", "encoders", "downs", "conv_first", "norm_start", "plain stages"),
     "latent": ("latent", "middle_blks"),
     "decoder levels": ("up4_3", "up3_2", "up2_1", "reduce_chan_level3", "reduce_chan_level2",
-                       "decoder_level3", "decoder_level2", "decoder_level1", "ups", "decoders"),
-    "refinement + output": ("refinement", "output", "skip_conv", "ending"),
+                       "decoder_level3", "decoder_level2", "decoder_level1", "ups", "decoders", "guided stages"),
+    "refinement + output": ("refinement", "output", "skip_conv", "ending", "norm_end", "conv_after_body", "conv_last"),
 }
 
 
-GROUP_ORDER = [*BACKBONE_GROUPS, "PGM (Eq. 6)", "F_l projection (w/o PGM)", "PGCA (Eq. 7-8)", "CFE (Fig. 4(b))",
-               "learnt Z (w/o CFE)", "learnt F_l (w/o DINOv2)"]
+GROUP_ORDER = [*BACKBONE_GROUPS, "PGM (Eq. 6)", "F_l projection (w/o PGM)", "PGCA (Eq. 7-8)",
+               "GRL attention made cross (Eq. 7-8)", "CFE (Fig. 4(b))", "learnt Z (w/o CFE)", "learnt F_l (w/o DINOv2)"]
 
 
 def parameter_breakdown(model):
@@ -400,25 +428,28 @@ def parameter_breakdown(model):
             owner = model.get_submodule(name.split(".modulate.")[0] + ".modulate")
             group = "PGM (Eq. 6)" if isinstance(owner, PGM) else "F_l projection (w/o PGM)"
         elif ".pgca." in name:
-            group = "PGCA (Eq. 7-8)"
+            owner = model.get_submodule(name.split(".pgca.")[0] + ".pgca")
+            group = "PGCA (Eq. 7-8)" if isinstance(owner, PGCA) else "GRL attention made cross (Eq. 7-8)"
         elif name.startswith("cfe."):
             group = "CFE (Fig. 4(b))"
         elif name in ("learned_code", "learned_semantic"):
             group = "learnt Z (w/o CFE)" if name == "learned_code" else "learnt F_l (w/o DINOv2)"
         else:
             top = name.split(".")[1]                          # backbone.<top>.…
+            if top == "layers":                               # GRL: backbone.layers.<stage>.…
+                top = "guided stages" if model.backbone.levels[int(name.split(".")[2])] else "plain stages"
             group = next(g for g, tops in BACKBONE_GROUPS.items() if top in tops)
         groups[group] = groups.get(group, 0) + p.numel()
     return groups
 
 
 if __name__ == "__main__":
-    for name in ("restormer", "nafnet"):
+    for name in BACKBONES:
         model = PerceiveIR(name, "paper")
         print(f"Perceive-IR ({name}, paper config): {count_parameters(model):,d} trainable parameters "
               f"(plain backbone {count_parameters(build_backbone(name, 'paper')):,d})")
         for group, n in sorted(parameter_breakdown(model).items(), key=lambda item: GROUP_ORDER.index(item[0])):
-            print(f"  {group:26s} {n:>12,d}")
+            print(f"  {group:36s} {n:>12,d}")
     frozen = build_sgm("base", random_weights=True)           # the architecture, to count it
     print(f"frozen SGM, DINOv2 ViT-B/14: {count_parameters(frozen, trainable=False):,d} parameters (not trained)")
     sgm = build_sgm("tiny")

@@ -33,8 +33,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import clip_prompts
 import data
 import losses
-from backbone import build_backbone, count_parameters, size_multiple
-from guidance import PerceiveIR, build_sgm, degradation_centroids, perceive, restore_image
+from backbone import count_parameters
+from guidance import (BACKBONES, PerceiveIR, build_backbone, build_sgm, degradation_centroids, perceive, restore_image,
+                      size_multiple)
 
 SEMANTIC_DIM = {"base": 768, "tiny": 64}          # width of DINOv2 ViT-B/14 and of the tiny stand-in
 CENTROID_IMAGES = 256                             # training images per task behind each centroid of Z
@@ -77,7 +78,7 @@ def get_args(argv=None):
     add("--workers", type=int, default=4, help="data-loader workers per process")
     # --- stage 1a: medium-quality images I_m (Sec. III-B) ---
     add("--medium-dir", default=None, help="medium-quality images I_m (default OUT/medium/images)")
-    add("--medium-backbone", choices=["restormer", "nafnet"], default="restormer", help="stage-1a restorer "
+    add("--medium-backbone", choices=sorted(BACKBONES), default="restormer", help="stage-1a restorer "
         "(Sec. III-B: Restormer); 'nafnet' into another --medium-dir makes more proxy negatives (README)")
     add("--medium-iters", type=int, default=100_000, help="steps per fold (Sec. IV-A.4: 100K)")
     add("--medium-lr", type=float, default=2e-4, help="Sec. IV-A.4: 2e-4")
@@ -94,7 +95,7 @@ def get_args(argv=None):
     add("--prompt-crops", type=int, default=4, help="cached crops per image with --prompt-view crop (not given)")
     add("--prompts", default=None, help="stage-1 prompt checkpoint (default OUT/prompt/prompts.pt)")
     # --- stage 2: the network (Sec. III-C, Tables X, XV) ---
-    add("--backbone", choices=["restormer", "nafnet"], default="restormer", help="Sec. IV-A.4; Table XV")
+    add("--backbone", choices=sorted(BACKBONES), default="restormer", help="Sec. IV-A.4; Table XV")
     add("--backbone-config", default="paper", help="'paper' (Sec. IV-A.4) or 'tiny'; stage 1a uses it too")
     add("--dino", choices=sorted(SEMANTIC_DIM), default="base", help="Sec. IV-A.4: DINOv2 base")
     add("--dino-weights", default=None, help="local DINOv2 weight file (else timm's hub weights)")

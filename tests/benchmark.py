@@ -31,9 +31,9 @@ import clip_prompts  # noqa: E402  (the repository root is on the path only from
 import data  # noqa: E402
 import losses  # noqa: E402
 import train  # noqa: E402
-from backbone import build_backbone, count_parameters  # noqa: E402
+from backbone import count_parameters  # noqa: E402
 from evaluate import Restorer  # noqa: E402
-from guidance import build_sgm  # noqa: E402
+from guidance import build_backbone, build_sgm  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ EXERCISES = [
              breaks=TRAINING_RUNS + LOSS_GRADIENTS + nodes(
                  "test_losses.py", "test_a_term_switched_on_without_its_network_is_a_clear_error")),
     Exercise(6, "Swap the backbone", "Table XV, Sec. III-C.1", task=(
-        "add a third backbone to backbone.py:BACKBONES that honours the guided_attention interface and add it "
+        "add a fifth backbone to guidance.py:BACKBONES that honours the guided_attention interface and add it "
         "to the parametrisations of the guided-level and odd-size tests")),
     Exercise(7, "Difficulty-adaptive weights and the perceptual loss", "Eq. (10), (11), Sec. III-D.2",
              ["losses.py:negative_weights", "losses.py:difficulty_adaptive_perceptual_loss"], nodes(

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import backbone
-from backbone import MDTA, NAFNet, Restormer, build_backbone, count_parameters, tiled_forward
+from backbone import MDTA, NAFNet, Restormer, count_parameters, tiled_forward
+from guidance import build_backbone
 
 
 def read_reference_keys(path):
@@ -62,7 +62,7 @@ def test_the_dual_pixel_variant_has_no_global_residual_and_adds_the_shallow_skip
     assert len(skips) == 1 and skips[0].shape == (1, 16, 16, 16)
 
 
-@pytest.mark.parametrize("name", ["restormer", "nafnet"])
+@pytest.mark.parametrize("name", ["restormer", "nafnet", "xrestormer", "grl"])
 @pytest.mark.parametrize("size", [(17, 29), (8, 8), (33, 50), (5, 3)])
 def test_output_shape_equals_input_shape_for_any_size(name, size):
     model = build_backbone(name, "tiny").eval()
@@ -88,12 +88,14 @@ def test_mdta_attention_map_is_channels_by_channels_per_head():
     assert torch.allclose(attn.sum(-1), torch.ones(2, 4, 4))  # rows are softmax distributions
 
 
-@pytest.mark.parametrize("name", ["restormer", "nafnet"])
+@pytest.mark.parametrize("name", ["restormer", "nafnet", "xrestormer", "grl"])
 def test_every_trainable_parameter_receives_a_gradient(name):
     model = build_backbone(name, "tiny")
     for n, p in model.named_parameters():
         if n.endswith(("beta", "gamma")):                     # NAFNet's zero-initialised residual
             nn.init.constant_(p, 0.5)                         # scales: as after some training
+        if n.endswith("attention.1.bias"):                    # GRL's 2-unit channel squeeze: ReLUs alive,
+            nn.init.constant_(p, 1.0)                         # not dead by the draw of the initial weights
     model(torch.rand(2, 3, 16, 16)).abs().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not missing, f"{name}: no gradient for {missing}"
@@ -112,7 +114,7 @@ class PriorShift(nn.Module):
         return x + self.proj(norm(x)) + self.from_prior(prior)[:, :, None, None]
 
 
-@pytest.mark.parametrize("name", ["restormer", "nafnet"])
+@pytest.mark.parametrize("name", ["restormer", "nafnet", "xrestormer"])   # GRL's guided blocks: tests/test_grl.py
 def test_guided_levels_receive_their_own_prior_and_train(name):
     model = build_backbone(name, "tiny", guided_attention=PriorShift)
     mixers = [m for m in model.modules() if isinstance(m, PriorShift)]
@@ -137,7 +139,8 @@ class RecordingMixer(PriorShift):
 
 
 @pytest.mark.parametrize("name, widths", [("restormer", {4: 64, 3: 32, 2: 16, 1: 16}),
-                                          ("nafnet", {4: 64, 3: 32, 2: 16, 1: 8})])
+                                          ("nafnet", {4: 64, 3: 32, 2: 16, 1: 8}),
+                                          ("xrestormer", {4: 64, 3: 32, 2: 16, 1: 16})])
 def test_guided_level_mapping_follows_fig4_in_forward(name, widths):
     # F_1 guides the finest decoder level, F_4 the coarsest; encoder and refinement stay plain.
     model = build_backbone(name, "tiny", guided_attention=RecordingMixer)
@@ -151,6 +154,8 @@ def test_guided_level_mapping_follows_fig4_in_forward(name, widths):
     assert {level: width for level, _, width in RecordingMixer.seen} == widths
     if name == "restormer":
         assert all(isinstance(m.attn, MDTA) for m in (*model.encoder_level1, *model.refinement))
+    if name == "xrestormer":
+        assert all(isinstance(m.channel_attn, MDTA) for m in (*model.encoder_level1, *model.refinement))
 
 
 def test_without_guidance_nafnet_has_exactly_the_published_parameter_count():

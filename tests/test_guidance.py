@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backbone import TransformerBlock, build_backbone, count_parameters, tiled_forward
-from guidance import (CFE, PGCA, PGM, GuidedMixer, PerceiveIR, PriorProjection, SemanticGuidance, build_sgm,
+from backbone import TransformerBlock, count_parameters, tiled_forward
+from guidance import (CFE, PGCA, PGM, GuidedMixer, PerceiveIR, PriorProjection, SemanticGuidance, build_backbone,
+                      build_sgm,
                       degradation_centroids, parameter_breakdown, perceive, prior_view, restore_image)
 
 

@@ -19,7 +19,7 @@ import clip_prompts
 import data
 import losses
 import train
-from backbone import build_backbone
+from guidance import build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "demo", "--patch-size", "32", "--batch-size", "2", "--probe-size", "2", "--warmup", "2",
