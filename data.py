@@ -254,7 +254,7 @@ def keyed_path(folder, task, key):
 
 
 def _same_size(image, target, path, target_path):
-    if image.shape != target.shape:
+    if target is not None and image.shape != target.shape:                # (no target: nothing to compare)
         (h, w), (th, tw) = image.shape[1:], target.shape[1:]
         raise ValueError(f"size mismatch: {path} is {w}x{h} but {target_path} is {tw}x{th}")
 
@@ -404,7 +404,7 @@ class TripletDataset(torch.utils.data.Dataset):
 # --- Test protocols (Tables II-V, IX, XIII) ------------------------------------------------------------------------
 
 class TestSet(torch.utils.data.Dataset):
-    """One test set at one σ (denoising) or as stored (paired); items {"degraded", "target", "name"}."""
+    """One test set at one σ (denoising) or as stored (pairs, or inputs alone); items {"degraded", "target", "name"}."""
     __test__ = False                                           # not a pytest class, despite the name
 
     def __init__(self, name, task, pairs, sigma=None, crop_multiple=None):
@@ -415,15 +415,15 @@ class TestSet(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, index):
-        source, target_path = self.pairs[index]
+        source, target_path = self.pairs[index]                    # target None: a set without targets (C60)
         name = (source or target_path).name
-        target = read_image(target_path)
+        target = target_path and read_image(target_path)
         if self.sigma is None:
             degraded = read_image(source)
             _same_size(degraded, target, source, target_path)
         else:   # UNSPECIFIED: the test noise seed; ours is the file name and σ, never the listing order
             degraded = add_gaussian_noise(target, self.sigma, _rng("test", name, self.sigma))
-        return {"degraded": self.crop(degraded), "target": self.crop(target), "name": name}
+        return {"degraded": self.crop(degraded), "target": target_path and self.crop(target), "name": name}
 
     def target(self, index):       # the target alone, cropped as in an item: scoring outputs reads no input
         return self.crop(read_image(self.pairs[index][1]))

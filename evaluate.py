@@ -1,23 +1,20 @@
-"""Evaluation of Perceive-IR: the protocols and tables of Sec. IV-B..D (Tables II-IX).
+"""Evaluation of Perceive-IR: the protocols of Sec. IV-B..G (Tables II-IX, XV).
 
 PSNR and SSIM per test set and σ, and their average, for the All-in-One settings (Tables II, III),
-One-by-One training (Tables IV-V) and unseen σ (Table IX); LPIPS as in Fig. 8 and Tables VI-VIII. The
-metrics themselves, in the three conventions the field uses, are in `metrics.py`: every table names its
+One-by-One training (Tables IV-V) and unseen σ (Table IX); LPIPS as in Fig. 8 and Tables VI-VIII; any
+folder of pairs, or of inputs alone with the no-reference metrics, for the real and unseen degradations
+of Tables VI-VIII. The metrics are in `metrics.py`, the tables in `tables.py`: every table names its
 convention, and whether images were restored whole or in tiles.
 
 What is in here:
-- `ResultTable`: per-set results in the layouts of Tables II, III, IV-V and IX, as markdown, CSV, JSON.
 - `Restorer`, `restored_pairs`, `score_into`: a checkpoint on the test sets; `prediction_pairs`: any
-  method's restored images (`--pred`); `restore_files`: your own images, and what the model perceived.
+  method's restored images (`--pred`); `named_test_sets`: any folder (`--sets`).
+- `restore_files`: your own images, and what the model perceived in them.
 """
 import argparse
-import csv
-import io
 import json
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,176 +24,11 @@ import torchvision.utils
 import clip_prompts
 import data
 import train
+from backbone import count_parameters
 from data import TASKS
 from guidance import build_sgm, perceive, restore_image
-from metrics import CONVENTIONS, LPIPS_NAME, build_lpips, compute_metrics_per_image
-
-# --- Result tables (Tables II, III, IV-V, IX) ----------------------------------------------------------------------
-
-def _denoise(benchmark, sigmas):
-    return [(benchmark, "denoise", sigma) for sigma in sigmas]
-
-
-PAIRED = [("SOTS", "dehaze", None), ("Rain100L", "derain", None), ("GoPro", "deblur", None), ("LOL", "lowlight", None)]
-LAYOUTS = {                                      # layout → (paper table, columns as (benchmark, task, σ))
-    "N+H+R": ("Table II", _denoise("CBSD68", (15, 25, 50)) + PAIRED[:2]),
-    "N+H+R+B+L": ("Table III", _denoise("CBSD68", (25,)) + PAIRED),
-    "one-by-one": ("Tables IV-V", [c for s in ("CBSD68", "Urban100", "Kodak24") for c in _denoise(s, (15, 25, 50))]
-                   + PAIRED),
-    "unseen-noise": ("Table IX", _denoise("CBSD68", (60, 100)) + _denoise("Urban100", (60, 100))),
-}
-AVERAGE_OF_SETS = "Average (mean of set means)"
-AVERAGE_OF_IMAGES = "Average (all images pooled)"
-
-
-@dataclass
-class SetResult:
-    """One test set at one noise level σ (denoising with synthetic noise only): one column of a table."""
-    set_name: str
-    task: str
-    sigma: float | None = None
-    psnr: list = field(default_factory=list)      # per image, dB
-    ssim: list = field(default_factory=list)      # per image
-    lpips: list = field(default_factory=list)     # per image, with --lpips
-    names: list = field(default_factory=list)     # the images, in the order of the values
-
-    num_images = property(lambda self: len(self.psnr))
-
-    def mean(self, metric):
-        values = getattr(self, metric)                                                  # a list of per-image values
-        return sum(values) / len(values)
-
-    def heading(self, benchmark=None):
-        name = self.set_name if benchmark in (None, self.set_name) else f"{benchmark} ({self.set_name})"
-        return name if self.sigma is None else f"{name} σ={self.sigma:g}"
-
-
-def _cell(means):
-    return "/".join(f"{means[m]:{'.2f' if m == 'psnr' else '.4f'}}" for m in means)
-
-
-def _write_atomic(path, text):
-    tmp = path.with_name(path.name + ".tmp")                                            # written whole or not at all
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-class ResultTable:
-    """Per-set PSNR/SSIM (and LPIPS) of one method in one metric convention, in the paper's layouts.
-    `add(...)` appends values of a set and σ (per set or per batch). A layout column (benchmark, task, σ)
-    takes the set of that task and σ whose name, up to its first "-", is the benchmark's: "SOTS-outdoor-mini"
-    fills SOTS. `layout=None`: one column per set. `protocol`: "whole images" or "tiled 512, overlap 32"."""
-
-    def __init__(self, convention, method="Perceive-IR", protocol="whole images", lpips=False):
-        if convention not in CONVENTIONS:                                     # a typo would silently change the numbers
-            raise ValueError(f"unknown metric convention {convention!r}; choose one of {list(CONVENTIONS)}")
-        self.convention, self.method, self.protocol, self.sets = convention, method, protocol, []
-        self.metrics = ("psnr", "ssim", "lpips") if lpips else ("psnr", "ssim")         # the columns of every cell
-
-    @property
-    def header(self):
-        return CONVENTIONS[self.convention] + (f" · {LPIPS_NAME}" if "lpips" in self.metrics else "")
-
-    def add(self, set_name, task, sigma, psnr_list, ssim_list, lpips_list=None, names=None):
-        if task not in TASKS:                                                           # labels come from data.TASKS
-            raise ValueError(f"unknown task {task!r} for {set_name}; choose one of {TASKS}")
-        if sigma is not None and task != "denoise":                                 # σ: denoising alone
-            raise ValueError(f"{set_name}: σ is given for {task}, but only denoising adds noise (σ {sigma})")
-        values = {"psnr": [float(v) for v in psnr_list], "ssim": [float(v) for v in ssim_list],
-                  "lpips": [float(v) for v in lpips_list or []], "names": list(names or [])}
-        if len(values["psnr"]) != len(values["ssim"]) or not values["psnr"]:            # one SSIM for each PSNR
-            raise ValueError(f"{set_name}: need as many PSNR as SSIM values, at least one, "
-                             f"got {len(values['psnr'])} and {len(values['ssim'])}")
-        if ("lpips" in self.metrics) != bool(values["lpips"]) or len(values["lpips"]) not in (0, len(values["psnr"])):
-            raise ValueError(f"{set_name}: one LPIPS value per image if and only if the table has LPIPS")
-        sigma = None if sigma is None else float(sigma)                                 # 15 and 15.0 are one column
-        result = next((r for r in self.sets if (r.set_name, r.task, r.sigma) == (set_name, task, sigma)), None)
-        if result is None:
-            result = SetResult(set_name, task, sigma)
-            self.sets.append(result)
-        for name, new in values.items():                                                # psnr, ssim, lpips, names
-            getattr(result, name).extend(new)
-        return result
-
-    def columns(self, layout=None):
-        """[(heading, SetResult or None)] in the layout's order; None marks a set not evaluated."""
-        if layout is None:                                                              # one column per set, in order
-            return [(f"{result.heading()} ({result.task})", result) for result in self.sets]
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown table layout {layout!r}; choose one of {list(LAYOUTS)} or None")
-        columns = LAYOUTS[layout][1]
-        if layout == "one-by-one":   # a One-by-One model covers one task: keep the tasks evaluated
-            columns = [c for c in columns if any(r.task == c[1] for r in self.sets)]
-        out = []                                                             # (heading, result or None) in layout order
-        for benchmark, task, sigma in columns:
-            found = [r for r in self.sets if r.task == task and r.sigma == sigma
-                     and r.set_name.split("-")[0].lower() == benchmark.lower()]
-            if len(found) > 1:
-                raise ValueError(f"layout {layout!r} has one {benchmark} column but results for "
-                                 f"{[r.set_name for r in found]}; use layout=None to list them all")
-            out.append((found[0].heading(benchmark), found[0]) if found
-                       else (SetResult(benchmark, task, sigma).heading(), None))
-        return out
-
-    def averages(self, layout=None):
-        """Both averages over the evaluated columns: {label: ({metric: mean}, count)}, or {} if none."""
-        evaluated = [r for _, r in self.columns(layout) if r is not None]               # columns that were evaluated
-        if not evaluated:
-            return {}
-        of_sets = {m: sum(r.mean(m) for r in evaluated) / len(evaluated) for m in self.metrics}
-        pooled = {m: [v for r in evaluated for v in getattr(r, m)] for m in self.metrics}
-        of_images = {m: sum(values) / len(values) for m, values in pooled.items()}
-        return {AVERAGE_OF_SETS: (of_sets, len(evaluated)), AVERAGE_OF_IMAGES: (of_images, len(pooled["psnr"]))}
-
-    def markdown(self, layout=None):
-        columns, averages = self.columns(layout), self.averages(layout)
-        header = [self.header] + [h for h, _ in columns] + list(averages)               # convention (and LPIPS) first
-        scores = [self.method] + [_cell({m: r.mean(m) for m in self.metrics}) if r else "-" for _, r in columns]
-        counts = ["images"] + [str(r.num_images) if r else "-" for _, r in columns]
-        for label, (means, n) in averages.items():
-            scores.append(_cell(means))
-            counts.append(f"{n} sets" if label == AVERAGE_OF_SETS else str(n))
-        source = "every set evaluated" if layout is None else f"{layout}, layout of {LAYOUTS[layout][0]}"
-        lines = [f"**{self.method}: {source}; {self.protocol}**", ""]
-        lines += ["| " + " | ".join(row) + " |" for row in (header, ["---"] * len(header), scores, counts)]
-        missing = sum(r is None for _, r in columns)                               # columns of the layout not evaluated
-        if missing:
-            lines += ["", f"'-': not evaluated; the averages cover the {len(columns) - missing} "
-                          f"evaluated columns of {len(columns)}."]
-        return "\n".join(lines) + "\n"
-
-    def csv(self, layout=None):
-        """One row per column, then the two averages; '-' where a set was not evaluated."""
-        buffer = io.StringIO()                                                       # CSV in memory, written atomically
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["column", "set", "task", "sigma", "images", *self.metrics, "convention", "protocol"])
-        for heading, r in self.columns(layout):
-            values = [r.num_images, *(r.mean(m) for m in self.metrics)] if r else ["-"] * (1 + len(self.metrics))
-            writer.writerow([heading, r.set_name if r else "-", r.task if r else "-",
-                             "" if r is None or r.sigma is None else f"{r.sigma:g}", *values, self.header,
-                             self.protocol])
-        for label, (means, n) in self.averages(layout).items():
-            writer.writerow([label, "", "", "", n, *means.values(), self.header, self.protocol])
-        return buffer.getvalue()
-
-    def to_json(self, layout=None):
-        """Everything, per-image values (and names) included."""
-        return {"method": self.method, "convention": self.convention, "header": self.header,
-                "protocol": self.protocol, "layout": layout,
-                "averages": {label: {**means, "count": n} for label, (means, n) in self.averages(layout).items()},
-                "sets": [asdict(r) for r in self.sets]}
-
-    def write(self, directory, layout=None, stem=None):
-        """Write <stem>.md, .csv and .json (per-image values included) atomically; return the paths."""
-        directory = Path(directory)                                                     # created if absent
-        directory.mkdir(parents=True, exist_ok=True)
-        stem = stem or f"results_{layout or 'all'}_{self.convention}"
-        paths = [directory / f"{stem}.{suffix}" for suffix in ("md", "csv", "json")]
-        texts = [self.markdown(layout), self.csv(layout), json.dumps(self.to_json(layout), indent=1) + "\n"]
-        for path, text in zip(paths, texts):
-            _write_atomic(path, text)
-        return paths
-
+from metrics import CONVENTIONS, LPIPS_NAME, NO_REFERENCE, NR_METRICS, build_lpips, compute_metrics_per_image
+from tables import LAYOUTS, ResultTable, table_xv, write_atomic
 
 # --- Restoring the test sets with a trained checkpoint, or scoring another method's outputs ------------------------
 
@@ -248,31 +80,35 @@ def auto_layout(tasks, sigmas):
 
 
 def score_into(tables, test_set, pairs, run, lpips=None):
-    """Score (name, restored, target) pairs of one test set in every convention (and LPIPS) and add
-    them to `tables`; under torchrun each rank scores its share and the shares are gathered."""
+    """Score (name, restored, target) pairs of one test set in every convention (and LPIPS), and with the
+    no-reference metrics if `tables` has their table, and add them to `tables`; a set without targets (target
+    None) gets the no-reference metrics alone. Under torchrun each rank scores its share; shares are gathered."""
     rows = []                                                                           # one row per image of this rank
     for name, restored, target in pairs:
-        row = {"name": name, "lpips": lpips(restored.clamp(0, 1), target).item() if lpips else None}
-        for convention in tables:                                           # every convention from the same restoration
-            metrics = compute_metrics_per_image(restored, target, convention)
-            row[convention] = (metrics["psnr"][0], metrics["ssim"][0])
+        row = {"name": name}                                                            # {table: {metric: value}}
+        distance = lpips(restored.clamp(0, 1), target).item() if lpips and target is not None else None
+        for convention, table in tables.items():                            # every convention from the same restoration
+            if convention == NO_REFERENCE:                                              # the restored image alone
+                row[convention] = {m: NR_METRICS[m](restored.clamp(0, 1))[0] for m in table.metrics}
+            elif target is not None:
+                metrics = compute_metrics_per_image(restored, target, convention)
+                row[convention] = {"psnr": metrics["psnr"][0], "ssim": metrics["ssim"][0], "lpips": distance}
         rows.append(row)
     if run.distributed:                                      # every rank's images, on every rank
         shares = [None] * run.world                                                     # one share per rank
         dist.all_gather_object(shares, rows)
         rows = [row for share in shares for row in share]
-    if rows:                                                                            # a rank may have had no image
-        for convention, table in tables.items():
-            table.add(test_set.name, test_set.task, test_set.sigma, [r[convention][0] for r in rows],
-                      [r[convention][1] for r in rows], [r["lpips"] for r in rows] if lpips else None,
-                      [r["name"] for r in rows])
+    for convention, table in tables.items():             # a rank may have had no image; a set may have no target
+        if rows and convention in rows[0]:
+            values = {m: [row[convention][m] for row in rows] for m in table.metrics}
+            table.add(test_set.name, test_set.task, test_set.sigma, values, [row["name"] for row in rows])
 
 
 def restored_pairs(restorer, test_set, run, save_dir=None):
     """(name, I_r, I_g) of this rank's share of a test set, each image restored whole unless --tile."""
     for index in range(run.rank, len(test_set), run.world):                  # every world-th image: ranks share the set
         item = test_set[index]
-        degraded, target = item["degraded"][None].to(run.device), item["target"][None].to(run.device)
+        degraded, target = (None if item[k] is None else item[k][None].to(run.device) for k in ("degraded", "target"))
         try:
             restored = restorer(degraded)                                               # whole, unless --tile
         except torch.cuda.OutOfMemoryError:
@@ -298,7 +134,7 @@ def prediction_pairs(folder, test_set, problems):
         return problems.append(f"{folder}: missing; expected the {len(test_set)} restored images of {test_set.name}")
     lookup, matched = {}, {}                                  # input and target stems → test image
     for index, (source, target) in enumerate(test_set.pairs):                   # stems of inputs and targets both match
-        lookup.update({stem: lookup.get(stem, index) for stem in ((source or target).stem, target.stem)})
+        lookup.update({p.stem: lookup.get(p.stem, index) for p in (source, target) if p is not None})
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES):
         index = next((lookup[s] for s in data.target_stems(path.stem) if s in lookup), None)
         if index is None or index in matched:
@@ -310,7 +146,11 @@ def prediction_pairs(folder, test_set, problems):
         if index not in matched:
             problems.append(f"{folder}: no prediction for {(source or target).name}")
             continue
-        target_image, prediction = test_set.target(index), data.read_image(matched[index])
+        prediction = data.read_image(matched[index])
+        if target is None:                                                    # a set without targets (--sets)
+            yield matched[index].name, prediction[None], None
+            continue
+        target_image = test_set.target(index)
         if prediction.shape != target_image.shape:
             (h, w), (th, tw) = prediction.shape[-2:], target_image.shape[-2:]           # (H, W) of both
             problems.append(f"size mismatch: {matched[index]} is {w}x{h}, its target {tw}x{th} "
@@ -319,8 +159,29 @@ def prediction_pairs(folder, test_set, problems):
         yield matched[index].name, prediction[None], target_image[None]
 
 
+def named_test_sets(root, folders, crop_multiple=None, problems=None):
+    """--sets: any folders (under --data-root, or absolute), e.g. test/underwater/UIEB (Tables VI-VIII): with
+    input/ and target/ a set is scored like the paper's, with input/ alone (C60, RTTS) by the no-reference
+    metrics. Each is named by its folder and labelled with its parent's name as the task ("UIEB", "underwater")."""
+    test_sets, strict = [], problems is None               # restoring: any problem stops; scoring (--pred): named
+    problems = [] if strict else problems
+    for folder in folders:
+        path = Path(root or ".") / folder                                   # an absolute folder stays itself
+        target = next((path / n for n in ("target", "gt", "GT") if (path / n).is_dir()), None)
+        if not (path / "input").is_dir():
+            raise SystemExit(f"evaluate.py: --sets {folder}: no input/ folder in {path} (input/ and target/ for "
+                             "pairs, input/ alone for a set without targets)")
+        inputs = sorted(p for p in (path / "input").iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES)
+        pairs = (data.pair_folder(inputs, path / "input", target, problems, {}) if target
+                 else [(p, None) for p in inputs])                   # no target: the no-reference metrics alone
+        test_sets.append(data.TestSet(path.name, path.parent.name, pairs, None, crop_multiple))
+    if strict and problems:
+        raise SystemExit("evaluate.py: --sets: " + "; ".join(problems[:5]))
+    return test_sets
+
+
 def write_tables(tables, args, tasks, run):
-    layout = args.layout or auto_layout(tasks, args.sigmas)                         # the paper's layout for these tasks
+    layout = args.layout or (None if args.sets else auto_layout(tasks, args.sigmas))   # the paper's, for its sets
     for table in tables.values():
         try:                                              # sets that are not the paper's: one column each
             if layout and not any(result for _, result in table.columns(layout)):
@@ -337,7 +198,8 @@ def largest_image_note(test_sets, config):
     """Print the largest test image and what a whole-image pass of it needs: a CPU that runs out of
     memory is killed without a message, so say it before the first image."""
     from PIL import Image
-    sizes = [(Image.open(target).size, s.name, target.name) for s in test_sets for _, target in s.pairs]
+    sizes = [(Image.open(target or source).size, s.name, (target or source).name)     # no target: the input's
+             for s in test_sets for source, target in s.pairs]
     (W, H), set_name, name = max(sizes, key=lambda size: size[0][0] * size[0][1], default=((0, 0), "", ""))
     need = WHOLE_IMAGE_GB["base"] + WHOLE_IMAGE_GB["per_megapixel"] * W * H / 1e6      # a line in the pixels
     scale = "paper config" if config.get("backbone_config") == "paper" else "paper config; this smaller one needs less"
@@ -399,7 +261,7 @@ def restore_files(restorer, inputs, output_dir, grid=False, perceiver=None, devi
         report[path.name] = entry
         print(line, flush=True)
     output_dir.mkdir(parents=True, exist_ok=True)                                     # also when every file was skipped
-    _write_atomic(output_dir / "perception.json", json.dumps(report, indent=1) + "\n")
+    write_atomic(output_dir / "perception.json", json.dumps(report, indent=1) + "\n")
     print(f"restored {len(report)} image(s) into {output_dir}; skipped {len(skipped)}"
           + (f": {', '.join(skipped)}" if skipped else ""))
     return len(skipped)
@@ -425,7 +287,13 @@ def get_args(argv=None):
     add("--lpips", action="store_true", help=f"add {LPIPS_NAME} (Fig. 8, Tables VI-VIII)")
     add("--lpips-weights", help="LPIPS v0.1 calibration weights (else from the installed lpips package)")
     add("--vgg-weights", help="local VGG-16 state-dict file for --lpips (else torchvision's)")
+    add("--sets", nargs="+", help="score these folders instead of --tasks' sets: input/ + target/, or input/ alone "
+        "with --nr-metrics (Tables VI-VIII; e.g. test/underwater/UIEB)")
+    add("--nr-metrics", nargs="+", choices=sorted(NR_METRICS), default=[], help="no-reference metrics of the "
+        "restored images (Table VII: uciqe uiqm)")
     add("--layout", choices=sorted(LAYOUTS), default=None, help="table layout (default: from --tasks)")
+    add("--table-xv", nargs="+", metavar="JSON", help="Table XV: compare the results_<layout>_<convention>.json "
+        "of several runs (backbones, patch sizes), N+H+R and N+H+R+B+L")
     add("--crop-multiple", type=int, default=0, help="centre-crop test images to a multiple (PromptIR: 16)")
     add("--results", default="results", help="folder for the tables (md, csv, json)")
     add("--save-images", default=None, help="also write the restored test images here (the --pred layout)")
@@ -448,6 +316,7 @@ def get_args(argv=None):
         raise SystemExit(f"evaluate.py: {error}") from None
     for wrong, message in ((args.pred and args.checkpoint, "--pred scores restored images, --checkpoint restores: "
                             "pass one of them"), (args.target and not args.pred, "--target goes with --pred"),
+                           (args.target and args.sets, "--target scores one pair of folders, --sets several: one"),
                            (args.target and len(args.task_names) != 1, "--target scores one set: name its --tasks"),
                            (args.device.startswith("cuda") and not torch.cuda.is_available(),
                             f"--device {args.device}: no CUDA device here; use --device cpu")):
@@ -458,8 +327,7 @@ def get_args(argv=None):
 
 def score_predictions(args, run, lpips):
     """--pred: another method's restored images, scored as Perceive-IR's are; returns the problem count."""
-    tables = {c: ResultTable(c, args.method or Path(args.pred).name, "predictions as given", lpips is not None)
-              for c in args.conventions}
+    tables = result_tables(args, args.method or Path(args.pred).name, "predictions as given", lpips)
     problems, crop = [], args.crop_multiple or None                            # PromptIR's protocol: --crop-multiple 16
     if args.target:                                           # one pair of folders: predictions → targets
         pred = Path(args.pred)                               # data.py's name rules pair them
@@ -469,7 +337,7 @@ def score_predictions(args, run, lpips):
         pairs = ((item["name"], item["degraded"][None], item["target"][None]) for item in test_set)   # I_r = input
         score_into(tables, test_set, pairs, run, lpips)
     else:
-        for test_set in data.build_test_sets(args.data_root, args.task_names, args.sigmas, crop):
+        for test_set in test_sets(args, problems):
             score_into(tables, test_set, prediction_pairs(Path(args.pred) / prediction_folder(test_set), test_set,
                                                           problems), run, lpips)
     for problem in problems:                                                            # nothing is skipped silently
@@ -480,7 +348,33 @@ def score_predictions(args, run, lpips):
     return len(problems)
 
 
+def result_tables(args, method, protocol, lpips, about=None):
+    """One table per metric convention, and one of the no-reference metrics with --nr-metrics."""
+    tables = {c: ResultTable(c, method, protocol, lpips is not None, about=about) for c in args.conventions}
+    if args.nr_metrics:
+        tables[NO_REFERENCE] = ResultTable(NO_REFERENCE, method, protocol, nr_metrics=args.nr_metrics, about=about)
+    return tables
+
+
+def test_sets(args, problems=None):
+    """--sets, or the test sets of --tasks; a set without targets needs --nr-metrics."""
+    if not args.sets:
+        return data.build_test_sets(args.data_root, args.task_names, args.sigmas, args.crop_multiple or None, problems)
+    sets = named_test_sets(args.data_root, args.sets, args.crop_multiple or None, problems)
+    for test_set in sets:
+        if test_set.pairs and test_set.pairs[0][1] is None and not args.nr_metrics:
+            raise SystemExit(f"evaluate.py: --sets: {test_set.name} has no target/ folder: score it with "
+                             f"--nr-metrics ({' '.join(sorted(NR_METRICS))})")
+    return sets
+
+
 def main(args):
+    if args.table_xv:                                          # Table XV from earlier evaluations: no model needed
+        text = table_xv(args.table_xv)
+        print(text)
+        Path(args.results).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(args.results) / "table_xv.md", text)
+        return 0
     run = train.Run(args.device)                                                        # honours --device (cpu, cuda)
     lpips = build_lpips(args.vgg_weights, args.lpips_weights).to(run.device) if args.lpips else None
     try:
@@ -498,15 +392,17 @@ def main(args):
         if not args.data_root:
             raise SystemExit("evaluate.py: pass --data-root with test sets, or --input with your own images")
         restorer.tile = args.tile or None                      # test sets: whole images, the paper's protocol
-        test_sets = data.build_test_sets(args.data_root, args.task_names, args.sigmas, args.crop_multiple or None)
+        sets = test_sets(args)
         if run.master:                                                                 # the note before the first image
-            largest_image_note(test_sets, restorer.config)
-        tables = {c: ResultTable(c, args.method or "Perceive-IR", restorer.protocol, lpips is not None)
-                  for c in args.conventions}
-        for test_set in test_sets:                                                      # each set, then its tables
+            largest_image_note(sets, restorer.config)
+        config = restorer.config                                   # what Table XV compares: backbone, patch, size
+        about = dict(backbone=config["backbone"], patch_size=config["patch_size"],
+                     parameters=count_parameters(restorer.model))
+        tables = result_tables(args, args.method or "Perceive-IR", restorer.protocol, lpips, about)
+        for test_set in sets:                                                           # each set, then its tables
             score_into(tables, test_set, restored_pairs(restorer, test_set, run, args.save_images), run, lpips)
         if run.distributed:                                    # each rank restored its share only
-            print(f"rank {run.rank}: restored {restorer.images} of {sum(len(s) for s in test_sets)} test images",
+            print(f"rank {run.rank}: restored {restorer.images} of {sum(len(s) for s in sets)} test images",
                   flush=True)
         write_tables(tables, args, args.task_names, run)                                # rank 0 prints and writes
         run.print0(f"checkpoint {args.checkpoint}; {restorer.protocol}")

@@ -364,3 +364,7 @@ def uiqm(image, block=UIQM_BLOCK):
     computed on the 0-255 values [56] was fitted on (UICM changes with the scale). Higher is better."""
     images = check_image(image, block)                                                 # (B, 3, H, W), 0-255
     return [0.0282 * uicm(rgb) + 0.2953 * uism(rgb, block) + 3.5753 * uiconm(rgb, block) for rgb in images]
+
+
+NO_REFERENCE = "no-reference"                      # the table of metrics that read the restored image alone
+NR_METRICS = {"uciqe": uciqe, "uiqm": uiqm}         # --nr-metrics (Table VII)

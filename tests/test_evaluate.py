@@ -19,8 +19,9 @@ from PIL import Image
 
 import data
 import train
-from evaluate import AVERAGE_OF_IMAGES, AVERAGE_OF_SETS, Restorer, ResultTable, get_args, main
+from evaluate import Restorer, get_args, main
 from metrics import build_lpips, compute_metrics, compute_metrics_per_image, gaussian_window, rgb_to_y, ssim
+from tables import AVERAGE_OF_IMAGES, AVERAGE_OF_SETS, ResultTable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -175,10 +176,10 @@ def test_unknown_convention_is_rejected_with_the_choices():
 
 def hand_made_table(convention="rgb"):
     table = ResultTable(convention)
-    table.add("CBSD68", "denoise", 15, [30.0, 32.0], [0.80, 0.90])
-    table.add("CBSD68", "denoise", 25, [28.0], [0.70])
-    table.add("SOTS-outdoor-mini", "dehaze", None, [20.0, 22.0], [0.90, 0.92])
-    table.add("SOTS-outdoor-mini", "dehaze", None, [24.0], [0.94])   # a second batch of the same set
+    table.add("CBSD68", "denoise", 15, {"psnr": [30.0, 32.0], "ssim": [0.80, 0.90]})
+    table.add("CBSD68", "denoise", 25, {"psnr": [28.0], "ssim": [0.70]})
+    table.add("SOTS-outdoor-mini", "dehaze", None, {"psnr": [20.0, 22.0], "ssim": [0.90, 0.92]})
+    table.add("SOTS-outdoor-mini", "dehaze", None, {"psnr": [24.0], "ssim": [0.94]})   # a second batch of the same set
     return table
 
 
@@ -219,7 +220,7 @@ def test_table_iii_one_by_one_and_unseen_noise_layouts_have_the_papers_columns()
     assert header[1:5] == ["CBSD68 σ=60", "CBSD68 σ=100", "Urban100 σ=60", "Urban100 σ=100"]
     assert set(rows["Perceive-IR"].values()) == {"Perceive-IR", "-"}      # nothing evaluated
     one_task = ResultTable("rgb")
-    one_task.add("Rain100L", "derain", None, [38.0], [0.98])              # a One-by-One derain model
+    one_task.add("Rain100L", "derain", None, {"psnr": [38.0], "ssim": [0.98]})              # a One-by-One derain model
     header, _ = markdown_cells(one_task.markdown("one-by-one"))
     assert header[1:] == ["Rain100L", AVERAGE_OF_SETS, AVERAGE_OF_IMAGES]
     header, _ = markdown_cells(table.markdown(None))                       # every set, in order
@@ -245,9 +246,10 @@ def test_csv_and_json_are_written_atomically_with_every_value(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("SOTS", "dehaze", 25, [30.0], [0.9]), "only denoising adds noise"),
-    (("SOTS", "dehazing", None, [30.0], [0.9]), "unknown task"),
-    (("SOTS", "dehaze", None, [30.0, 31.0], [0.9]), "as many PSNR as SSIM"),
+    (("SOTS", "dehaze", 25, {"psnr": [30.0], "ssim": [0.9]}), "only denoising adds noise"),
+    (("SOTS", "dehaze", None, {"psnr": [30.0, 31.0], "ssim": [0.9]}), "one value per image of each"),
+    (("SOTS", "dehaze", None, {"psnr": [30.0]}), "one value per image of each"),
+    (("SOTS", "dehaze", None, {"psnr": [30.0], "ssim": [0.9], "uiqm": [2.0]}), "one value per image of each"),
 ])
 def test_inconsistent_results_are_rejected_when_added(args, message):
     with pytest.raises(ValueError, match=message):
@@ -256,7 +258,7 @@ def test_inconsistent_results_are_rejected_when_added(args, message):
 
 def test_two_sets_for_one_column_are_an_error_not_a_silent_choice():
     table = hand_made_table()
-    table.add("SOTS-indoor-mini", "dehaze", None, [15.0], [0.8])
+    table.add("SOTS-indoor-mini", "dehaze", None, {"psnr": [15.0], "ssim": [0.8]})
     with pytest.raises(ValueError, match="layout=None"):
         table.markdown("N+H+R")
     with pytest.raises(ValueError, match="unknown table layout"):
@@ -568,3 +570,57 @@ def test_flop_count_of_a_depthwise_convolution_backward_is_two_forwards():
     forward = 2 * 2 * 16 * 1 * 9 * 100
     assert flops_of(lambda: conv(x)) == forward
     assert flops_of(lambda: conv(x).sum().backward()) == 3 * forward     # + grad of input and of weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables VI-VIII: any folder as a test set, the no-reference metrics; Table XV
+# ---------------------------------------------------------------------------------------------
+
+def test_any_folder_is_a_test_set_and_one_without_targets_gets_the_no_reference_metrics(shared_dir, tiny_checkpoint,
+                                                                                         tmp_path):
+    from metrics import uciqe, uiqm
+    root, rain = tmp_path / "data", shared_dir / "data/test/derain/Rain100L"
+    for folder, names in (("UIEB/input", "123"), ("UIEB/target", "123"), ("C60/input", "12")):   # C60: no targets
+        (root / "test/underwater" / folder).mkdir(parents=True)
+        for n in names:
+            shutil.copy(rain / folder.split("/")[1] / f"{n}.png", root / "test/underwater" / folder / f"{n}.png")
+    sets = ["--sets", "test/underwater/UIEB", "test/underwater/C60", "--nr-metrics", "uciqe", "uiqm"]
+    assert main(get_args(["--checkpoint", str(tiny_checkpoint), "--data-root", str(root), *sets, "--results",
+                          str(tmp_path / "results"), "--save-images", str(tmp_path / "images")])) == 0
+    rgb = json.loads((tmp_path / "results/results_all_rgb.json").read_text())
+    assert [(s["set_name"], s["task"], len(s["psnr"])) for s in rgb["sets"]] == [("UIEB", "underwater", 3)]
+    assert rgb["backbone"] == "restormer" and rgb["parameters"] == 348_697             # what Table XV compares
+    no_reference = json.loads((tmp_path / "results/results_all_no-reference.json").read_text())
+    scored = {s["set_name"]: s for s in no_reference["sets"]}
+    assert set(scored) == {"UIEB", "C60"} and scored["C60"]["names"] == ["1.png", "2.png"]
+    restored = Restorer.from_checkpoint(tiny_checkpoint)(read_rgb(root / "test/underwater/C60/input/2.png")[None])
+    assert scored["C60"]["uciqe"][1] == pytest.approx(uciqe(restored)[0], abs=1e-12)    # the restored image's own
+    assert scored["C60"]["uiqm"][1] == pytest.approx(uiqm(restored)[0], abs=1e-12)
+    assert "C60 (underwater)" in (tmp_path / "results/results_all_no-reference.md").read_text()
+    # The saved restorations, scored as another method's (--pred), give the same numbers (8-bit either way).
+    assert main(get_args(["--pred", str(tmp_path / "images"), "--data-root", str(root), *sets, "--results",
+                          str(tmp_path / "pred")])) == 0
+    again = {s["set_name"]: s for s in json.loads((tmp_path / "pred/results_all_no-reference.json").read_text())["sets"]}
+    assert again["C60"]["uiqm"] == pytest.approx(scored["C60"]["uiqm"], abs=1e-6)
+    with pytest.raises(SystemExit, match="C60 has no target/ folder: score it with --nr-metrics"):
+        main(get_args(["--checkpoint", str(tiny_checkpoint), "--data-root", str(root), "--sets", "test/underwater/C60",
+                       "--results", str(tmp_path / "refused")]))
+
+
+def test_table_xv_compares_backbones_from_the_json_of_each_evaluation(tmp_path, capsys):
+    files = []
+    for backbone, parameters, psnr in (("restormer", 36_792_116, (32.0, 29.5)), ("grl", 28_920_719, (32.5, 30.0))):
+        for layout, value in zip(("N+H+R", "N+H+R+B+L"), psnr):
+            table = ResultTable("rgb", about=dict(backbone=backbone, patch_size=128, parameters=parameters))
+            table.add("Rain100L", "derain", None, {"psnr": [value, value + 1], "ssim": [0.9, 0.95]})
+            files.append(table.write(tmp_path / backbone, layout, stem=layout)[2])       # the .json
+    assert main(get_args(["--table-xv", *map(str, files), "--results", str(tmp_path / "xv")])) == 0
+    header, rows = markdown_cells(capsys.readouterr().out)
+    assert header == ["method", "N+H+R PSNR", "N+H+R SSIM", "N+H+R+B+L PSNR", "N+H+R+B+L SSIM", "Params (M)"]
+    assert list(rows["Perceive-IR grl-128"].values())[1:] == ["33.00", "0.925", "30.50", "0.925", "28.92"]
+    assert rows["Perceive-IR restormer-128"]["Params (M)"] == "36.79"
+    assert (tmp_path / "xv/table_xv.md").is_file()
+    other = ResultTable("y", about=dict(backbone="nafnet", patch_size=128, parameters=1))
+    other.add("Rain100L", "derain", None, {"psnr": [30.0], "ssim": [0.9]})
+    with pytest.raises(SystemExit, match="mix metric conventions"):
+        main(get_args(["--table-xv", str(files[0]), str(other.write(tmp_path / "y", "N+H+R")[2])]))

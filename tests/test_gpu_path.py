@@ -90,7 +90,8 @@ def test_the_restore_step_and_evaluation_keep_every_tensor_on_the_device(stage1,
     model = train.build_model(vars(args))
     if planted:
         monkeypatch.setattr(guidance.PGM, "forward", planted_cpu_tensor)
-    with device_context(device), (pytest.raises(Exception, match="cpu.*device|device.*cpu") if planted else contextlib.nullcontext()):
+    mismatch = pytest.raises(Exception, match="cpu.*device|device.*cpu") if planted else contextlib.nullcontext()
+    with device_context(device), mismatch:
         for network in (model, frozen["sgm"], frozen["vgg"], frozen["perceiver"]):
             network.to(device)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

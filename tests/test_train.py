@@ -294,6 +294,24 @@ def test_an_existing_run_is_never_overwritten_without_resume(stage1, tmp_path):
     assert {p: p.read_bytes() for p in (tmp_path / "restore").iterdir()} == before
 
 
+def test_init_fine_tunes_from_a_restore_checkpoints_weights_and_refuses_another_network(stage1, tmp_path):
+    source = stage1["out"] / "restore" / "last.pt"                                   # trained for 2 steps
+    # Table VI †: new data in practice (here the same); an LR of 1e-12 makes the one step leave the weights as they are.
+    run_main(*restore_args(stage1, tmp_path / "tune", "--init", source, "--iters", 1, "--lr", 1e-12, "--min-lr", 0,
+                           "--warmup", 0, "--weight-decay", 0))
+    tuned, start = torch.load(tmp_path / "tune/restore/last.pt", weights_only=True), final_weights(stage1["out"])
+    assert max((tuned["model"][k] - start[k]).abs().max().item() for k in start) < 1e-9
+    assert tuned["step"] == 1 and tuned["optimizer"]["state"][0]["step"] == 1      # a fresh schedule and optimiser
+    assert tuned["args"]["init"] == str(source)
+    run_main(*restore_args(stage1, tmp_path / "nafnet", "--backbone", "nafnet", "--iters", 1))
+    for other, reason in ((tmp_path / "nafnet/restore/last.pt", "another network (--backbone nafnet there, "
+                                                                 "restormer here)"),
+                          (stage1["out"] / "medium/fold_a/last.pt", "a medium-a checkpoint")):
+        with pytest.raises(SystemExit, match=re.escape(reason)) as refused:
+            run_main(*restore_args(stage1, tmp_path / "refused", "--init", other, "--iters", 1))
+        assert "\n" not in str(refused.value)
+
+
 def test_resume_rejects_a_checkpoint_of_another_stage_and_one_with_a_single_avgpsnr(stage1, tmp_path):
     other = stage1["out"] / "medium" / "fold_a" / "last.pt"
     with pytest.raises(SystemExit, match="another stage"):
