@@ -16,8 +16,9 @@ What is in here:
 The guidance interface, shared by the four backbones: a backbone is built with
 `guided_attention=factory`, where `factory(level, dim, num_heads)` returns the token mixer of every
 block at guided level l ∈ {1, 2, 3, 4} (l = 1 is the finest decoder level, l = 4 the coarsest,
-Fig. 4); GRL also passes its own attention (`attention=`), which the mixer makes cross. At run time `forward(image, priors)` hands `priors[l - 1]` (one vector per image) to
-each guided block, which calls `mixer(x, norm, prior)` and uses the returned X_l^m (Eq. 8).
+Fig. 4); GRL also passes its own attention (`attention=`), which the mixer makes cross. At run time
+`forward(image, priors)` hands `priors[l - 1]` (one vector per image) to each guided block, which
+calls `mixer(x, norm, prior)` and uses the returned X_l^m (Eq. 8).
 With `guided_attention=None` the blocks are plain blocks and the network is exactly the original.
 """
 

@@ -11,8 +11,9 @@ What is in here:
   `--clip-weights` file, or a tiny random stand-in) and its differentiable 224×224 input.
 - `PromptLearner` (Table XII initialisations) and `encode_prompts`: prompts through CLIP's text
   tower, cut right after the end token.
-- `prompt_logits`, `prompt_loss` (Eq. 1), `quality_views`, `build_embedding_bank`, `embedding_dataset`:
-  features of the crops L_clip judges are cached once, so a step (train.py) costs only the text tower.
+- `prompt_logits`, `prompt_loss` (Eq. 1), `quality_views`, `build_embedding_bank`, `embedding_dataset`,
+  `triplet_bank`: features of the crops L_clip judges are cached once, so a step (train.py) costs only the
+  text tower; `held_out_accuracy` on crops of triplets kept out of training.
 - `QualityPerceiver` and `save_prompts` / `load_prompts`: the trained prompts as P(level | image).
 - Medium-quality images by 2-fold cross-validation: `two_fold_split`, `cross_validation_rounds`,
   `held_out_split` (10% of the triplets kept out of prompt training),
@@ -28,6 +29,7 @@ import json
 import logging
 import os
 import zlib
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -280,6 +282,22 @@ def embedding_dataset(clip_model, triplets, views, num_levels=3, num_workers=0):
     if distributed:
         dist.all_gather_object(shares, shares[0])
     return [{"features": f, "labels": torch.arange(num_levels)} for f in torch.cat(shares)]   # a list is a dataset
+
+
+def triplet_bank(clip_model, samples, medium_dir, num_levels, view, crops, patch_size, seed, sigmas, workers=0):
+    """`embedding_dataset` of the (I_g, I_m, I_d) triplets of `samples`, I_m read from `medium_dir`."""
+    import data                                               # lazily: data is a sibling module
+    views = partial(quality_views, num_levels=num_levels, view=view, crops=crops, patch_size=patch_size, seed=seed)
+    triplets = data.TripletDataset(samples, Path(medium_dir), sigmas=sigmas)
+    return embedding_dataset(clip_model, triplets, views, num_levels, workers)
+
+
+@torch.no_grad()
+def held_out_accuracy(learner, bank, logit_scale):
+    """(accuracy, crops): how often the prompts put a cached crop of `bank` in its own tier (Eq. 1's argmax)."""
+    features = torch.stack([view["features"] for view in bank]).to(learner.embeddings.device)        # (n, K, D)
+    labels = torch.arange(features.shape[1], device=features.device).repeat(len(features))   # tier k: I_g, I_m, I_d
+    return prompt_loss(learner, features.flatten(0, 1), labels, logit_scale)[1].item(), len(features)
 
 
 # --- The quality perceiver (used by Eq. 9 and evaluation) and the prompt checkpoint --------------------------------

@@ -9,8 +9,8 @@ What is in here:
 - `scan_training_set`: finds each task (three layouts), pairs and checks every file before training.
 - `TrainDataset`: resampled flipped crops, L_cl's positive (Eq. 12), L_dpl's negatives (Eq. 11), the probe
   of Eq. (10); `TripletDataset`: (I_d, I_m, I_g) of stage 1 (Eq. 1); `build_test_sets`: Tables II-V, IX, XIII.
-- `make_demo_data`, `synthetic_*`: an offline data set of all five degradations.
-- `python data.py --check ROOT | --make-demo DIR`; no argument: a self-check.
+- `one_pass`: the batches of one pass, a function of (seed, epoch), with workers that leave signals to train.py.
+- `python data.py --check ROOT`; no argument: a self-check. (The offline demo's data: `demo.py`.)
 
 Layouts, detected per task under `--data-root`:
   generic   {train,test}/<task>/<set>/{input,target}/…   clean sets: {train,test}/denoise/<set>/*
@@ -21,7 +21,7 @@ An input finds its target by name, or by RESIDE's (0001_0.8_0.2.jpg → 0001.*) 
 """
 
 import argparse
-import math
+import signal
 import tempfile
 import warnings
 import zlib
@@ -57,6 +57,14 @@ def parse_tasks(spec):
         raise ValueError(f"--tasks {spec!r}: expected letters N, H, R, B, L joined by '+' (e.g. N+H+R) "
                          f"or task names separated by commas ({', '.join(TASKS)})")
     return tuple(t for t in TASKS if t in names)
+
+
+def parse_resample(spec):
+    """--resample 'denoise=3,derain=120,...' → {task: ratio} (Sec. IV-A.4), or None (the paper's ratios)."""
+    try:
+        return None if spec is None else {t: float(r) for t, r in (item.split("=") for item in spec.split(","))}
+    except ValueError:
+        raise ValueError(f"--resample {spec!r}: expected task=ratio pairs, e.g. denoise=3,derain=120") from None
 
 
 def stratum(task, sigma=0):
@@ -401,6 +409,37 @@ class TripletDataset(torch.utils.data.Dataset):
                 "task": torch.tensor(TASKS.index(sample.task)), "key": sample.key}
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)       # train.py checkpoints and stops on these
+
+
+def ignore_stop_signals(_worker_id):
+    """Loader workers leave SIGINT/SIGTERM to the main process, which checkpoints and stops them: a scheduler
+    signals the whole process group, and a worker killed mid-batch would crash the run."""
+    # (Forked workers inherit the main handler; spawned or forkserver ones would die: the default action.)
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def one_pass(dataset, sampler, per_rank, data_epoch, skip, workers, seed, pin_memory=False):
+    """The batches of one pass over the data from batch `skip` on; the order is a function of (seed, epoch)."""
+    sampler.set_epoch(data_epoch)                                     # the shuffle of this pass, the same on every rank
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(data_epoch)                  # augmentation depends on (seed, epoch, index)
+    indices = list(sampler)[skip * per_rank:]             # resuming mid-pass: skip what was seen
+    # Its own generator: the global RNG must not depend on where a run was resumed (the next fold's
+    # initial weights come from it), and a loader draws a seed from its generator when it starts.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=indices, drop_last=True,
+                                         num_workers=workers, pin_memory=pin_memory,
+                                         worker_init_fn=ignore_stop_signals if workers else None,
+                                         generator=torch.Generator().manual_seed(seed + data_epoch))
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)    # blocked while workers start (children inherit
+    try:                                                    # the mask): none reaches one before it ignores
+        return iter(loader)                                 # them, and the main process gets it afterwards
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 # --- Test protocols (Tables II-V, IX, XIII) ------------------------------------------------------------------------
 
 class TestSet(torch.utils.data.Dataset):
@@ -459,103 +498,7 @@ def build_test_sets(root, tasks, sigmas=SIGMAS, crop_multiple=None, problems=Non
     return test_sets
 
 
-# --- Built-in demo data: procedural clean images and synthetic degradations (no downloads) -------------------------
-
-def synthetic_clean_image(rng, height, width):
-    """A colour gradient with flat, striped and checkered shapes and a fine texture, 8-bit levels."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32) / max(height, width)
-    start, end, angle = *rng.uniform(0.1, 0.9, (2, 3)), rng.uniform(0, 2 * math.pi)
-    ramp = x * math.cos(angle) + y * math.sin(angle)
-    image = start + (end - start) * ((ramp - ramp.min()) / (ramp.max() - ramp.min()))[..., None]   # (H, W, 3)
-    for _ in range(rng.integers(4, 8)):                 # rectangles and discs: flat, striped, checkered
-        cy, cx, radius, frequency, aspect = *rng.uniform(0, 1, 2), *rng.uniform([0.06, 8, 0.4], [0.25, 30, 1.5])
-        colour, kind = rng.uniform(0, 1, 3), int(rng.integers(6))
-        inside = (np.hypot(x - cx, y - cy) < radius) if kind % 2 else \
-            (abs(x - cx) < radius) & (abs(y - cy) < radius * aspect)
-        pattern = (np.ones_like(x), 0.5 + 0.5 * np.sin(frequency * (x + y)),
-                   (np.floor(x * frequency) + np.floor(y * frequency)) % 2)[kind // 2]
-        image[inside] = pattern[inside][:, None] * colour
-    image += 0.03 * np.sin(rng.uniform(60, 120) * x + rng.uniform(0, 6))[..., None]
-    return quantize(torch.from_numpy(image.clip(0, 1).astype(np.float32)).permute(2, 0, 1))
-
-
-def _convolve(image, kernel):
-    """(3, H, W) ⊛ (k, k) kernel (k odd), reflect-padded, same size."""
-    kernel, pad = torch.as_tensor(kernel, dtype=torch.float32).flip(0, 1), len(kernel) // 2
-    padded = F.pad(image[None], (pad, pad, pad, pad), mode="reflect")
-    return F.conv2d(padded, kernel[None, None].expand(3, 1, -1, -1), groups=3)[0]
-
-
-def motion_kernel(rng, size, direction, turning):
-    """A size × size kernel summing to 1: 48 unit steps from `direction` (radians, 90° = down), each turned
-    by N(0, turning²); turning = 0 draws a straight line."""
-    velocity, points = np.array([math.sin(direction), math.cos(direction)]), [np.zeros(2)]
-    for _ in range(48):
-        velocity = velocity + rng.normal(0, turning, 2)
-        velocity /= np.linalg.norm(velocity)
-        points.append(points[-1] + velocity)
-    points = np.array(points) - np.mean(points, axis=0)                         # (49, 2) row, column
-    rows, cols = np.round(points * (size // 2) / np.abs(points).max() + size // 2).astype(int).T
-    kernel = np.zeros((size, size), np.float32)
-    np.add.at(kernel, (rows, cols), 1.0)                                          # each step deposits light
-    return kernel / kernel.sum()
-
-
-def synthetic_haze(clean, rng):
-    """Atmospheric scattering (as RESIDE): I = J·t + A(1 − t), t = e^{−βd}, depth d rising to the top."""
-    H, W = clean.shape[-2:]
-    y, x = np.mgrid[0:H, 0:W].astype(np.float32) / [[[H]], [[W]]]
-    waves, phases = rng.uniform(2, 6, 2), rng.uniform(0, 6, 2)
-    depth = 0.3 + 1.5 * (1 - y) + 0.3 * np.sin(waves[0] * x + phases[0]) * np.sin(waves[1] * y + phases[1])   # d
-    transmission = torch.from_numpy(np.exp(-rng.uniform(0.4, 1.0) * depth).astype(np.float32))   # t
-    airlight = torch.from_numpy(rng.uniform(0.75, 0.95) + rng.uniform(-0.03, 0.03, (3, 1, 1))).float()   # A
-    return quantize((clean * transmission + airlight * (1 - transmission)).clamp(0, 1))
-
-
-def synthetic_rain(clean, rng):
-    """Rain streaks: sparse drops smeared along one direction (±20° from vertical), added on top."""
-    H, W = clean.shape[-2:]
-    drops = (rng.random((H, W)) < rng.uniform(0.002, 0.006)) * rng.uniform(0.5, 1.0, (H, W))
-    kernel = motion_kernel(rng, int(rng.integers(4, 9)) * 2 + 1, math.radians(90 + rng.uniform(-20, 20)), 0.0)
-    streaks = _convolve(torch.from_numpy(drops.astype(np.float32)).expand(3, -1, -1), kernel / kernel.max())
-    return quantize((clean + rng.uniform(0.6, 0.9) * streaks.clamp(0, 1)).clamp(0, 1))
-
-
-def synthetic_motion_blur(clean, rng):
-    """Motion blur with a random camera-shake kernel of 9 to 17 pixels."""
-    kernel = motion_kernel(rng, int(rng.integers(4, 9)) * 2 + 1, rng.uniform(0, 2 * math.pi), 0.35)
-    return quantize(_convolve(clean, kernel).clamp(0, 1))
-
-
-def synthetic_low_light(clean, rng):
-    """Low light (LOL-like): I = s·J^γ + n, γ ∈ [1.5, 2.5], exposure s ∈ [0.1, 0.3], noise σ 0.005-0.02."""
-    noise = torch.from_numpy(rng.standard_normal(tuple(clean.shape), dtype=np.float32))
-    dark = rng.uniform(0.1, 0.3) * clean ** rng.uniform(1.5, 2.5)
-    return quantize((dark + rng.uniform(0.005, 0.02) * noise).clamp(0, 1))
-
-
-SYNTHESIS = {"dehaze": synthetic_haze, "derain": synthetic_rain, "deblur": synthetic_motion_blur,
-             "lowlight": synthetic_low_light}              # denoising: noise is added on the fly
-
-
-def make_demo_data(root, seed=0, train_count=24, test_count=10, size_range=(128, 160)):
-    """Write a small generic-layout data set of all five tasks (set "demo") to `root`; returns root."""
-    root, threads = Path(root), torch.get_num_threads()
-    torch.set_num_threads(1)              # tiny tensors: extra threads only contend (5x slower here)
-    for split, count in (("train", train_count), ("test", test_count)):
-        for task in TASKS:
-            for i in range(count):
-                rng = _rng(seed, split, task, i)
-                clean = synthetic_clean_image(rng, *rng.integers(size_range[0], size_range[1] + 1, 2))
-                folder, name = root / split / task / "demo", f"{i:04d}.png"
-                write_image(folder / name if task == "denoise" else folder / "target" / name, clean)
-                if task != "denoise":
-                    write_image(folder / "input" / name, SYNTHESIS[task](clean, rng))
-    torch.set_num_threads(threads)
-    return root
-
-
-# --- Command line: --check, --make-demo, and a self-check ----------------------------------------------------------
+# --- Command line: --check and a self-check ------------------------------------------------------------------------
 
 def check(root, tasks):
     """Print both splits next to Table I (counts, the paper's set each test folder stands for) and every problem."""
@@ -579,19 +522,18 @@ def check(root, tasks):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Perceive-IR data: check a dataset, write the demo (Sec. IV-A)")
+    parser = argparse.ArgumentParser(description="Perceive-IR data: check a dataset (Sec. IV-A, Table I)")
     parser.add_argument("--check", metavar="ROOT", help="scan ROOT's train and test splits: counts and problems")
-    parser.add_argument("--make-demo", metavar="DIR", help="write the built-in demo data set to DIR")
     parser.add_argument("--tasks", default="N+H+R+B+L", help="N+H+R or N+H+R+B+L (Sec. IV-A.1), or a subset")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the demo data")
     args = parser.parse_args(argv)
     tasks = parse_tasks(args.tasks)
-    if args.make_demo:
-        return print(f"demo data written to {make_demo_data(args.make_demo, args.seed)}")
     if args.check:
         raise SystemExit(1 if check(args.check, tasks) else 0)
-    with tempfile.TemporaryDirectory() as tmp:                  # no argument: a self-check on the demo data
-        check(make_demo_data(tmp, args.seed), tasks)
+    with tempfile.TemporaryDirectory() as tmp:    # no argument: a self-check on random images, generic layout
+        for split, task in ((s, t) for s in ("train", "test") for t in tasks):
+            for folder in ("",) if task == "denoise" else ("input/", "target/"):
+                write_image(Path(tmp) / split / task / "random" / folder / "0.png", torch.rand(3, 48, 64))
+        check(tmp, tasks)
         print("an item:", {k: tuple(v.shape) for k, v in TrainDataset(scan_training_set(tmp, tasks)[0])[0].items()
                            if k != "key"})
 

@@ -25,8 +25,9 @@ import clip_prompts
 import data
 import train
 from backbone import count_parameters
+from checkpoints import load_checkpoint
 from data import TASKS
-from guidance import build_sgm, perceive, restore_image
+from guidance import build_model, build_sgm, perceive, restore_image
 from metrics import CONVENTIONS, LPIPS_NAME, NO_REFERENCE, NR_METRICS, build_lpips, compute_metrics_per_image
 from tables import LAYOUTS, ResultTable, table_xv, write_atomic
 
@@ -47,12 +48,12 @@ class Restorer:
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dino_weights=None, **options):
-        checkpoint = train.load_checkpoint(path, flag="--checkpoint")                   # read once, weights_only
+        checkpoint = load_checkpoint(path, flag="--checkpoint")                         # read once, weights_only
         if checkpoint["stage"] != "restore":
             raise SystemExit(f"--checkpoint {path} is a {checkpoint['stage']!r} checkpoint; pass one of "
                              "`train.py --stage restore` (its restore/last.pt)")
         config = checkpoint["args"]
-        model = train.build_model(config)                                       # rebuilt from the checkpoint's own args
+        model = build_model(config)                                       # rebuilt from the checkpoint's own args
         missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
         if missing or unexpected:
             raise SystemExit(f"--checkpoint {path} does not match the model its own args describe "
@@ -171,10 +172,10 @@ def named_test_sets(root, folders, crop_multiple=None, problems=None):
         if not (path / "input").is_dir():
             raise SystemExit(f"evaluate.py: --sets {folder}: no input/ folder in {path} (input/ and target/ for "
                              "pairs, input/ alone for a set without targets)")
-        inputs = sorted(p for p in (path / "input").iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES)
+        inputs = sorted(p for p in (path / "input").iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES)  # images
         pairs = (data.pair_folder(inputs, path / "input", target, problems, {}) if target
                  else [(p, None) for p in inputs])                   # no target: the no-reference metrics alone
-        test_sets.append(data.TestSet(path.name, path.parent.name, pairs, None, crop_multiple))
+        test_sets.append(data.TestSet(path.name, path.parent.name, pairs, None, crop_multiple))   # set, task labels
     if strict and problems:
         raise SystemExit("evaluate.py: --sets: " + "; ".join(problems[:5]))
     return test_sets
@@ -351,17 +352,17 @@ def score_predictions(args, run, lpips):
 def result_tables(args, method, protocol, lpips, about=None):
     """One table per metric convention, and one of the no-reference metrics with --nr-metrics."""
     tables = {c: ResultTable(c, method, protocol, lpips is not None, about=about) for c in args.conventions}
-    if args.nr_metrics:
+    if args.nr_metrics:                                   # the restored images alone: every set, targets or not
         tables[NO_REFERENCE] = ResultTable(NO_REFERENCE, method, protocol, nr_metrics=args.nr_metrics, about=about)
     return tables
 
 
 def test_sets(args, problems=None):
     """--sets, or the test sets of --tasks; a set without targets needs --nr-metrics."""
-    if not args.sets:
+    if not args.sets:                                     # the paper's sets of --tasks (data.py's layouts)
         return data.build_test_sets(args.data_root, args.task_names, args.sigmas, args.crop_multiple or None, problems)
     sets = named_test_sets(args.data_root, args.sets, args.crop_multiple or None, problems)
-    for test_set in sets:
+    for test_set in sets:                                 # no target, no PSNR: say so before restoring anything
         if test_set.pairs and test_set.pairs[0][1] is None and not args.nr_metrics:
             raise SystemExit(f"evaluate.py: --sets: {test_set.name} has no target/ folder: score it with "
                              f"--nr-metrics ({' '.join(sorted(NR_METRICS))})")

@@ -14,7 +14,7 @@ What is in here:
 - `PGCA` (Eq. 7-8): channel cross-attention, query from Y_l, key/value from X_l^d, residual + Y_l.
 - `GuidedMixer`: PGM then PGCA, the token mixer an ETB uses in place of MDTA.
 - `BACKBONES`, `build_backbone`: the four backbones of Table XV (`backbone.py`, `xrestormer.py`, `grl.py`).
-- `PerceiveIR`: any of them + the guidance; the ablations of Table X.
+- `PerceiveIR`: any of them + the guidance; the ablations of Table X; `build_model` from train.py's settings.
 - `restore_image`: any image size, the backbone optionally on tiles, the priors from the whole image.
 - `degradation_centroids`, `perceive`: per-task centroids of Z, and what the model perceives in an image.
 
@@ -342,6 +342,18 @@ class PerceiveIR(nn.Module):
             code = self.degradation_code(degraded)
         restored = self.backbone(degraded, self.priors(semantic, code))
         return (restored, code, code_positive) if positive is not None else (restored, code)
+
+
+SEMANTIC_DIM = {"base": 768, "tiny": 64}          # width of F_l: DINOv2 ViT-B/14 and the tiny stand-in
+ARCHITECTURE = ("backbone", "backbone_config", "dino", "no_guidance", "no_dino", "no_pgm", "no_cfe")
+
+
+def build_model(config):
+    """PerceiveIR from a dict of train.py's settings (its args, or a checkpoint's own: evaluate.py rebuilds with
+    them); the ARCHITECTURE settings decide the shapes of its weights."""
+    return PerceiveIR(config["backbone"], config["backbone_config"], semantic_dim=SEMANTIC_DIM[config["dino"]],
+                      guided=not config["no_guidance"], use_dino=not config["no_dino"],
+                      use_pgm=not config["no_pgm"], use_cfe=not config["no_cfe"])
 
 
 def prior_view(degraded, prior_size=1024):

@@ -368,3 +368,14 @@ def uiqm(image, block=UIQM_BLOCK):
 
 NO_REFERENCE = "no-reference"                      # the table of metrics that read the restored image alone
 NR_METRICS = {"uciqe": uciqe, "uiqm": uiqm}         # --nr-metrics (Table VII)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    clean = 0.5 + 0.3 * F.interpolate(torch.rand(1, 3, 8, 8), size=96, mode="bicubic").clamp(-1, 1)   # (1, 3, 96, 96)
+    noisy = (clean + 25 / 255 * torch.randn_like(clean)).clamp(0, 1)                      # σ = 25 Gaussian noise
+    for convention, header in CONVENTIONS.items():
+        values = compute_metrics(noisy, clean, convention)
+        print(f"{header:70s} PSNR {values['psnr']:6.2f} dB  SSIM {values['ssim']:.4f}")
+    for name, metric in NR_METRICS.items():
+        print(f"{name.upper():5s} clean {metric(clean)[0]:.4f}  noisy {metric(noisy)[0]:.4f}  (no reference)")

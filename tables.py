@@ -169,7 +169,8 @@ class ResultTable:
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(["column", "set", "task", "sigma", "images", *self.metrics, "convention", "protocol"])
         for heading, r in self.columns(layout):
-            values = [r.count(self.metrics[0]), *(r.mean(m) for m in self.metrics)] if r else ["-"] * (1 + len(self.metrics))
+            values = ([r.count(self.metrics[0]), *(r.mean(m) for m in self.metrics)] if r
+                      else ["-"] * (1 + len(self.metrics)))                             # images, then the metrics
             writer.writerow([heading, r.set_name if r else "-", r.task if r else "-",
                              "" if r is None or r.sigma is None else f"{r.sigma:g}", *values, self.header,
                              self.protocol])

@@ -19,7 +19,6 @@ import math
 import os
 import random
 import signal
-import subprocess
 import time
 import warnings
 from functools import partial
@@ -32,25 +31,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import clip_prompts
 import data
+import demo
 import losses
 from backbone import count_parameters
-from guidance import (BACKBONES, PerceiveIR, build_backbone, build_sgm, degradation_centroids, perceive, restore_image,
-                      size_multiple)
+from checkpoints import git_commit, load_checkpoint, restore_progress, write_checkpoint
+from guidance import (ARCHITECTURE, BACKBONES, build_backbone, build_model, build_sgm, degradation_centroids,
+                      restore_image, size_multiple)
 
-SEMANTIC_DIM = {"base": 768, "tiny": 64}          # width of DINOv2 ViT-B/14 and of the tiny stand-in
 CENTROID_IMAGES = 256                             # training images per task behind each centroid of Z
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-PRESETS = {
-    "paper": {},
-    # Offline demo: generated data, tiny networks with random weights (CLIP, DINOv2, VGG). Its tasks
-    # have equally many images: no resampling (the paper's ratios would make 97% of it low light and
-    # rain). Random CLIP and VGG carry no quality signal: L_clip and L_dpl weigh 10× less (and still run).
-    "demo": dict(out="runs/demo", tasks="N+H+R+B+L", patch_size=64, backbone_config="tiny", dino="tiny",
-                 resample="denoise=1,dehaze=1,derain=1,deblur=1,lowlight=1", lambda_clip=0.005, lambda_dpl=0.01,
-                 clip_model="tiny", vgg="tiny", workers=0, medium_iters=150, prompt_iters=400,
-                 prompt_batch_size=16, iters=800, batch_size=4, lr=2e-3, medium_lr=1e-3, prompt_lr=5e-3,
-                 warmup=20, probe_size=4, epoch_iters=100, log_every=50, save_every=100, snapshot_every=0),
-}
+PRESETS = {"paper": {}, "demo": demo.PRESET}           # the offline demo: demo.py
 
 
 class StopTraining(Exception):
@@ -97,7 +86,7 @@ def get_args(argv=None):
     # --- stage 2: the network (Sec. III-C, Tables X, XV) ---
     add("--backbone", choices=sorted(BACKBONES), default="restormer", help="Sec. IV-A.4; Table XV")
     add("--backbone-config", default="paper", help="'paper' (Sec. IV-A.4) or 'tiny'; stage 1a uses it too")
-    add("--dino", choices=sorted(SEMANTIC_DIM), default="base", help="Sec. IV-A.4: DINOv2 base")
+    add("--dino", choices=["base", "tiny"], default="base", help="Sec. IV-A.4: DINOv2 base")
     add("--dino-weights", default=None, help="local DINOv2 weight file (else timm's hub weights)")
     add("--no-guidance", action="store_true", help="plain backbone (Table X (a), (b))")
     add("--no-dino", action="store_true", help="learnable F_l (Table X 'w/o DINO-v2')")
@@ -145,7 +134,7 @@ def get_args(argv=None):
 def check_args(args):
     """Values argparse cannot check end the run at once, in one line: SystemExit prints its message alone."""
     try:
-        data.parse_tasks(args.tasks), parse_resample(args.resample)
+        data.parse_tasks(args.tasks), data.parse_resample(args.resample)
         multiple = max(size_multiple(b, args.backbone_config) for b in (args.backbone, args.medium_backbone))
     except ValueError as error:
         raise SystemExit(f"train.py: {error}") from None
@@ -164,24 +153,6 @@ def check_args(args):
     args.medium_dir = args.medium_dir or str(Path(args.out) / "medium" / "images")     # where stages chain:
     args.prompts = args.prompts or str(Path(args.out) / "prompt" / "prompts.pt")      # I_m, then the prompts
     return args
-
-
-def parse_resample(spec):
-    try:
-        return None if spec is None else {t: float(r) for t, r in (item.split("=") for item in spec.split(","))}
-    except ValueError:
-        raise ValueError(f"--resample {spec!r}: expected task=ratio pairs, e.g. denoise=3,derain=120") from None
-
-
-ARCHITECTURE = ("backbone", "backbone_config", "dino", "no_guidance", "no_dino", "no_pgm", "no_cfe")
-
-
-def build_model(config):
-    """Perceive-IR from a dict of args (also a checkpoint's own "args": evaluate.py rebuilds with it); the
-    ARCHITECTURE settings decide its weights' shapes."""
-    return PerceiveIR(config["backbone"], config["backbone_config"], semantic_dim=SEMANTIC_DIM[config["dino"]],
-                      guided=not config["no_guidance"], use_dino=not config["no_dino"],
-                      use_pgm=not config["no_pgm"], use_cfe=not config["no_cfe"])
 
 
 # --- One DDP code path: python train.py, torchrun on one node or many ----------------------------------------------
@@ -208,87 +179,6 @@ class Run:
         return (dist.all_reduce(tensor) or tensor) if self.distributed else tensor
 
 
-def git_commit():
-    """The commit of this code, "-dirty" when tracked files were changed; stored in every checkpoint."""
-    try:
-        return subprocess.check_output(["git", "describe", "--always", "--dirty", "--abbrev=40"], text=True,
-                                       cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-# --- Checkpoints: one plain dict, loadable with weights_only=True, written atomically ------------------------------
-
-def rng_state():
-    kind, keys, position, has_gauss, gauss = np.random.get_state()     # numpy's state as tensors and numbers
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])                                  # torch, numpy and Python generators, then CUDA
-    kind, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    if torch.cuda.is_available() and state["cuda"].numel():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_checkpoint(path, checkpoint):
-    """Temporary file, then rename: a crash mid-write never leaves a half-written checkpoint."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)                    # the folder may be new (a fold, a snapshot)
-    torch.save(checkpoint, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
-
-
-def load_checkpoint(path, flag="--resume"):
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)   # tensors and primitives only
-    except Exception as error:
-        raise SystemExit(f"{flag} {path}: not a readable checkpoint ({type(error).__name__}: {str(error)[:200]})")
-    if not isinstance(checkpoint, dict) or not {"stage", "args", "model", "step"} <= set(checkpoint):
-        raise SystemExit(f"{flag} {path}: not a Perceive-IR training checkpoint (no stage/args/model/step)")
-    return checkpoint
-
-
-def restore_progress(args, run, name, out_dir, given, model, optimizer, state):
-    """Continue where this stage stopped, bit for bit: weights, optimiser, step, epoch, avgPSNR, every rank's RNG.
-    `given` is the --resume PATH file main() read once; --resume auto reads last.pt here, once. True if resumed."""
-    checkpoint = given if given is not None and given["stage"] == name else None
-    if checkpoint is None and (out_dir / "last.pt").is_file():
-        if args.resume != "auto":                      # never overwrite someone's run by accident
-            raise SystemExit(f"{out_dir / 'last.pt'} exists: continue it with --resume auto, or choose another --out")
-        checkpoint = load_checkpoint(out_dir / "last.pt")
-    if checkpoint is None:
-        return False
-    if checkpoint["stage"] == "restore" and not isinstance(checkpoint.get("avg_psnr"), (dict, type(None))):
-        # A single avgPSNR cannot say which of Eq. (10)'s weights each task's negatives had.
-        raise SystemExit("restore: this checkpoint (an older version's) holds one avgPSNR for all tasks; Eq. (10) "
-                         "now needs each task's, so it cannot resume exactly: start a new --out (evaluate.py reads it)")
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    state.update({key: checkpoint[key] for key in ("step", "epoch", "avg_psnr", "centroids") if key in checkpoint})
-    set_rng_state(checkpoint["rng"][run.rank % len(checkpoint["rng"])])
-    return True
-
-
-def write_checkpoint(args, run, name, out_dir, model, optimizer, state, snapshot=False):
-    """Every rank's RNG state is gathered; rank 0 writes last.pt (and a kept snapshot), then all wait."""
-    states = [rng_state()] * run.world                               # this rank's state fills every slot in one process
-    if run.distributed:
-        dist.all_gather_object(states, rng_state())
-    checkpoint = {"stage": name, "args": vars(args), "git_commit": git_commit(), **state,
-                  "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": states}
-    if run.master:
-        save_checkpoint(out_dir / "last.pt", checkpoint)
-        if snapshot:
-            save_checkpoint(out_dir / f"step_{state['step']:08d}.pt", checkpoint)
-            for old in sorted(out_dir.glob("step_*.pt"))[:-args.keep] if args.keep else []:   # 0 keeps all
-                old.unlink()
-    run.barrier()
-
-
 # --- Pieces of the training loop -----------------------------------------------------------------------------------
 
 def get_lr(step, peak_lr, iters, warmup, min_lr):
@@ -312,34 +202,6 @@ def stop_requested(run, step, stop_at):
     if run.distributed:                                # every rank takes the same branch at the same step
         stop = (step % 10 == 0 or step == stop_at) and run.all_sum(torch.tensor(float(stop), device=run.device)) > 0
     return bool(stop)
-
-
-def ignore_stop_signals(_worker_id):
-    """Loader workers leave SIGINT/SIGTERM to the main process, which checkpoints and stops them: a scheduler
-    signals the whole process group, and a worker killed mid-batch would crash the run."""
-    # (Forked workers inherit the main handler; spawned or forkserver ones would die: the default action.)
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-def batches(args, run, dataset, sampler, per_rank, data_epoch, skip):
-    """The batches of one pass over the data from batch `skip` on; the order is a function of (seed, epoch)."""
-    sampler.set_epoch(data_epoch)                                     # the shuffle of this pass, the same on every rank
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(data_epoch)                  # augmentation depends on (seed, epoch, index)
-    indices = list(sampler)[skip * per_rank:]             # resuming mid-pass: skip what was seen
-    # Its own generator: the global RNG must not depend on where a run was resumed (the next fold's
-    # initial weights come from it), and a loader draws a seed from its generator when it starts.
-    loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=indices, drop_last=True,
-                                         num_workers=args.workers, pin_memory=run.device.type == "cuda",
-                                         worker_init_fn=ignore_stop_signals if args.workers else None,
-                                         generator=torch.Generator().manual_seed(args.seed + data_epoch))
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)    # blocked while workers start (children inherit
-    try:                                                    # the mask): none reaches one before it ignores
-        return iter(loader)                                 # them, and the main process gets it afterwards
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def record_losses(guard, step, parts):
@@ -431,7 +293,7 @@ def fit(args, run, name, model, step_fn, dataset, iters, lr, batch_size, out_dir
     run.print0(f"{name}: {count_parameters(model):,d} trainable parameters, {len(dataset)} samples, global batch "
                f"{batch_size} = {run.world} × {per_rank} per process, {iters} steps, epoch = {epoch_iters} steps")
     handlers = {s: signal.signal(s, lambda signum, _: STOP.update(signal=signal.Signals(signum).name))
-                for s in STOP_SIGNALS}
+                for s in data.STOP_SIGNALS}
     stop_at = min(iters, state["step"] + args.stop_after) if args.stop_after else iters
     step, iterator, sums = state["step"], None, {}                                  # `iterator` is rebuilt at each pass
     guard, since = {"first_bad": torch.full((), -1, device=run.device), "parts": {}}, (time.time(), step)
@@ -445,7 +307,8 @@ def fit(args, run, name, model, step_fn, dataset, iters, lr, batch_size, out_dir
                     shown = " ".join(f"{k} {v:.2f}" for k, v in state["avg_psnr"].items() if "_sigma" not in k)
                     run.print0(f"{name}: epoch {state['epoch']}: avgPSNR (dB) {shown}")
             if iterator is None or step % steps_per_pass == 0:                  # a new pass: reshuffled by (seed, pass)
-                iterator = batches(args, run, dataset, sampler, per_rank, step // steps_per_pass, step % steps_per_pass)
+                iterator = data.one_pass(dataset, sampler, per_rank, step // steps_per_pass, step % steps_per_pass,
+                                         args.workers, args.seed, pin_memory=run.device.type == "cuda")
             batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v    # keys (strings) stay
                      for k, v in next(iterator).items()}
             for group in optimizer.param_groups:                                # warmup + cosine, set before every step
@@ -499,7 +362,7 @@ def run_medium(args, run, samples, resume):
         return run.print0(f"medium: {images_dir} is complete (manifest.json), skipping")
     rounds, entries = clip_prompts.cross_validation_rounds(samples), []              # 2 folds, each trained on one half
     for cv, other in zip(rounds, rounds[::-1]):           # model a restores fold b, model b fold a
-        dataset = data.TrainDataset(cv["train"], args.patch_size, resample=parse_resample(args.resample),
+        dataset = data.TrainDataset(cv["train"], args.patch_size, resample=data.parse_resample(args.resample),
                                     sigmas=args.sigmas, seed=args.seed)     # fold checkpoints beside the images:
         model, _ = fit(args, run, f"medium-{cv['model']}", build_backbone(args.medium_backbone, args.backbone_config),
                        l1_step, dataset, args.medium_iters, args.medium_lr, args.batch_size,   # one set of folds
@@ -532,29 +395,22 @@ def run_prompt(args, run, samples, clip_model, resume):
     clip_model.to(run.device)                                                      # frozen: only the prompts will train
     held_out, levels = clip_prompts.held_out_split(samples), len(args.prompt_words)
     split = {kept: [s for s in samples if ((s.task, s.key) in held_out) != kept] for kept in (True, False)}
-
-    def bank(kept, view):                             # cached CLIP features of every view of the triplets
-        views = partial(clip_prompts.quality_views, num_levels=levels, view=view, crops=args.prompt_crops,
-                        patch_size=args.patch_size, seed=args.seed)
-        triplets = data.TripletDataset(split[kept], Path(args.medium_dir), sigmas=args.sigmas)
-        return clip_prompts.embedding_dataset(clip_model, triplets, views, levels, args.workers)
-
+    bank = partial(clip_prompts.triplet_bank, clip_model, medium_dir=args.medium_dir, num_levels=levels,
+                   crops=args.prompt_crops, patch_size=args.patch_size, seed=args.seed, sigmas=args.sigmas,
+                   workers=args.workers)                     # cached CLIP features of every view of the triplets
     learner = clip_prompts.PromptLearner(clip_model, args.prompt_words, args.prompt_tokens, args.prompt_init)
     logit_scale = clip_model.logit_scale.exp().item()                        # 100 for OpenAI's weights
     if any(p.requires_grad for p in learner.parameters()):                   # "fixed" prompts (Table XII) train nothing
         learner, _ = fit(args, run, "prompt", learner, partial(prompt_step, logit_scale=logit_scale),
-                         bank(True, args.prompt_view), args.prompt_iters, args.prompt_lr, args.prompt_batch_size,
-                         Path(args.out) / "prompt", resume)
+                         bank(split[True], view=args.prompt_view), args.prompt_iters, args.prompt_lr,
+                         args.prompt_batch_size, Path(args.out) / "prompt", resume)
     else:
         run.print0("prompt: --prompt-init fixed has nothing to train (Table XII (a), (d), (j))")
     result = {}
     if held_out:                # the perceiver judges training crops (Eq. 9): test it on crops it never saw
-        features = torch.stack([view["features"] for view in bank(False, "crop")]).to(run.device)   # (n, K, D)
-        labels = torch.arange(levels, device=run.device).repeat(len(features))      # tier k of each crop: I_g, I_m, I_d
-        with torch.no_grad():
-            accuracy = clip_prompts.prompt_loss(learner, features.flatten(0, 1), labels, logit_scale)[1].item()
-        result = dict(triplets=len(held_out), crops=len(features), accuracy=accuracy, trained_on=args.prompt_view)
-        run.print0(f"prompt: held-out triplets ({len(held_out)}, {len(features)} crops): {accuracy:.1%} of their "
+        accuracy, crops = clip_prompts.held_out_accuracy(learner, bank(split[False], view="crop"), logit_scale)
+        result = dict(triplets=len(held_out), crops=crops, accuracy=accuracy, trained_on=args.prompt_view)
+        run.print0(f"prompt: held-out triplets ({len(held_out)}, {crops} crops): {accuracy:.1%} of their "
                    f"images in the right tier (chance {1 / levels:.0%})")
     if run.master:                                    # the prompts, their CLIP and the held-out accuracy
         clip_prompts.save_prompts(args.prompts, learner, clip_model.clip_info, vars(args), args.prompt_iters, result)
@@ -586,7 +442,7 @@ def init_weights(model, args):
     optimiser, schedule, avgPSNR and centroids start afresh, and the frozen networks are this run's own."""
     checkpoint = load_checkpoint(args.init, "--init")
     if checkpoint["stage"] != "restore":
-        raise SystemExit(f"--init {args.init}: a {checkpoint['stage']} checkpoint; a fine-tune starts from a restore one")
+        raise SystemExit(f"--init {args.init}: a {checkpoint['stage']} checkpoint; fine-tunes start from a restore one")
     other = [f"--{key.replace('_', '-')} {checkpoint['args'].get(key)} there, {getattr(args, key)} here"
              for key in ARCHITECTURE if checkpoint["args"].get(key) != getattr(args, key)]
     if other:
@@ -612,7 +468,7 @@ def run_restore(args, run, samples, frozen, resume):
         raise SystemExit(f"train.py: --medium-negative: no medium-quality images in {Path(args.medium_dir)}; run "
                          "--stage medium first, pass --medium-dir, or --no-medium-negative")
     try:                                                   # a negatives folder that covers no image: one line
-        dataset = data.TrainDataset(samples, args.patch_size, folders, parse_resample(args.resample), args.sigmas,
+        dataset = data.TrainDataset(samples, args.patch_size, folders, data.parse_resample(args.resample), args.sigmas,
                                     seed=args.seed)
     except ValueError as error:
         raise SystemExit(f"train.py: {error}") from None
@@ -635,25 +491,6 @@ def run_restore(args, run, samples, frozen, resume):
                Path(args.out) / "restore", resume,
                epoch_fn=(lambda net: losses.average_psnr(partial(restore_image, net, sgm), probe, run.device))
                if probe else None, final_fn=centroids if model.guided and model.use_cfe else None)
-
-
-def demo_report(args, run, model, sgm, centroids):
-    """PSNR of inputs and restorations of the held-out demo images, and the type perceived (nearest centroid of Z)."""
-    model.eval()                                                                       # restore_image is a no-grad pass
-    run.print0("\ndemo: held-out test images, PSNR (RGB, dB)      input -> restored   type perceived")
-    gains = {}                                          # (no test split: nothing to report)
-    for test_set in data.build_test_sets(args.data_root, data.parse_tasks(args.tasks), sigmas=(25,), problems=[]):
-        psnr_in, psnr_out, right = [], [], 0
-        for item in test_set:
-            degraded, target = item["degraded"][None].to(run.device), item["target"][None].to(run.device)
-            psnr_in.append(losses.batch_psnr(degraded, target).item())                  # the input's own PSNR, to beat
-            psnr_out.append(losses.batch_psnr(restore_image(model, sgm, degraded), target).item())
-            right += bool(centroids) and perceive(model, centroids, degraded)[0]["task"] == test_set.task
-        label = f"{test_set.task} ({test_set.name}{f', σ={test_set.sigma:g}' if test_set.sigma else ''})"
-        run.print0(f"  {label:42s} {np.mean(psnr_in):6.2f} -> {np.mean(psnr_out):6.2f}   {right}/{len(test_set)} right")
-        gains[test_set.task] = np.mean(psnr_out) - np.mean(psnr_in)
-    run.print0(f"  mean gain over the inputs: {np.mean(list(gains.values()) or [0]):+.2f} dB (tiny random networks)")
-    return gains
 
 
 # --- main ----------------------------------------------------------------------------------------------------------
@@ -691,7 +528,7 @@ def main(args):
         if args.preset == "demo" and args.data_root is None:             # the offline demo makes its data
             args.data_root = str(Path(args.out) / "data")
             if run.master and not (Path(args.data_root) / "train").is_dir():
-                data.make_demo_data(args.data_root, seed=args.seed)
+                demo.make_demo_data(args.data_root, seed=args.seed)
             run.print0(f"demo: generated data in {args.data_root}; tiny CLIP, DINOv2 and VGG with RANDOM weights "
                        "(no downloads): the numbers show that the pipeline works, not the paper's results")
             run.barrier()
@@ -716,7 +553,7 @@ def main(args):
                                                                                      run.device)
             model, state = run_restore(args, run, samples, frozen, resume)
             if args.preset == "demo":
-                demo_report(args, run, model, frozen["sgm"], state.get("centroids"))
+                demo.report(args, run, model, frozen["sgm"], state.get("centroids"))
         run.print0(f"done in {time.time() - started:.0f} s; outputs in {args.out}")
     except StopTraining:
         pass

@@ -216,8 +216,9 @@ def run_tests(code_dir, node_ids, timeout=TIMEOUT, marks="slow or not slow"):
 def grade(code_dir, numbers):
     """One pass/fail line per exercise; returns the number of exercises that failed."""
     code_dir = Path(code_dir)
-    missing = [name for name in ("backbone.py", "guidance.py", "clip_prompts.py", "losses.py", "data.py",
-                                 "train.py", "evaluate.py") if not (code_dir / name).is_file()]
+    missing = [name for name in ("backbone.py", "guidance.py", "clip_prompts.py", "losses.py", "data.py", "metrics.py",
+                                 "tables.py", "checkpoints.py", "demo.py", "train.py", "evaluate.py")
+               if not (code_dir / name).is_file()]
     if missing:
         raise SystemExit(f"exercises.py: {code_dir} is not a handout: {', '.join(missing)} missing")
     failed = 0

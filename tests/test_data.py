@@ -11,8 +11,10 @@ import torch
 from PIL import Image
 
 import data
-from data import (RESAMPLE, TASKS, Sample, TrainDataset, TripletDataset, build_test_sets, load_pair,
-                  make_demo_data, parse_tasks, read_image, scan_training_set, write_image)
+import demo
+from data import (RESAMPLE, TASKS, Sample, TrainDataset, TripletDataset, build_test_sets, load_pair, parse_tasks,
+                  read_image, scan_training_set, write_image)
+from demo import make_demo_data
 
 
 # torchvision 0.29 marks its image codecs deprecated (in favour of torchcodec) on every call.
@@ -428,9 +430,9 @@ DEMO_PSNR = {"dehaze": (8, 19), "derain": (15, 28), "deblur": (14, 30), "lowligh
 
 @pytest.mark.parametrize("task", list(DEMO_PSNR))
 def test_demo_degradations_are_deterministic_and_lower_psnr_by_a_sensible_amount(task):
-    synthesis, values = data.SYNTHESIS[task], []
+    synthesis, values = demo.SYNTHESIS[task], []
     for seed in range(4):
-        clean = data.synthetic_clean_image(np.random.default_rng(seed), 96, 112)
+        clean = demo.synthetic_clean_image(np.random.default_rng(seed), 96, 112)
         degraded = synthesis(clean, np.random.default_rng(seed))
         assert torch.equal(degraded, synthesis(clean, np.random.default_rng(seed)))
         assert not torch.equal(degraded, synthesis(clean, np.random.default_rng(seed + 10)))
@@ -448,9 +450,9 @@ def test_gaussian_noise_of_sigma_25_on_mid_grey_gives_20_17_db():
 
 
 def test_motion_kernels_are_normalised_and_a_zero_turn_kernel_is_a_straight_line():
-    kernel = data.motion_kernel(np.random.default_rng(0), 13, 0.3, 0.35)
+    kernel = demo.motion_kernel(np.random.default_rng(0), 13, 0.3, 0.35)
     assert kernel.shape == (13, 13) and abs(kernel.sum() - 1) < 1e-6
-    vertical = data.motion_kernel(np.random.default_rng(0), 9, math.pi / 2, 0.0)
+    vertical = demo.motion_kernel(np.random.default_rng(0), 9, math.pi / 2, 0.0)
     assert (vertical[:, 4] > 0).all() and vertical[:, :4].sum() == vertical[:, 5:].sum() == 0
 
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+import checkpoints
 import data
+import guidance
 import train
 from evaluate import Restorer, get_args, main
 from metrics import build_lpips, compute_metrics, compute_metrics_per_image, gaussian_window, rgb_to_y, ssim
@@ -316,7 +317,7 @@ def tiny_checkpoint(tmp_path_factory):
     from guidance import degradation_centroids
     torch.manual_seed(0)
     args = vars(train.get_args(["--preset", "demo"]))
-    model = train.build_model(args)
+    model = guidance.build_model(args)
     with torch.no_grad():                                      # leave the identity start of PGM
         for name, p in model.named_parameters():
             if "to_scale_shift" in name:
@@ -324,7 +325,7 @@ def tiny_checkpoint(tmp_path_factory):
     images = [(task, torch.rand(3, 32, 32) * scale) for task, scale in (("derain", 1.0), ("lowlight", 0.1))
               for _ in range(4)]
     path = tmp_path_factory.mktemp("checkpoint") / "last.pt"
-    train.save_checkpoint(path, {"stage": "restore", "args": args, "model": model.state_dict(), "step": 1, "epoch": 0,
+    checkpoints.save_checkpoint(path, {"stage": "restore", "args": args, "model": model.state_dict(), "step": 1, "epoch": 0,
                                  "avg_psnr": {"derain": 20.0}, "optimizer": {}, "rng": [],
                                  "centroids": degradation_centroids(model.eval(), images)})
     return path

@@ -51,7 +51,7 @@ def test_compile_trains_resumes_and_its_checkpoint_loads_strictly_into_a_plain_m
     run_main(*compiled, "--resume", "auto")
     checkpoint = torch.load(tmp_path / "compiled/restore/last.pt", weights_only=True)
     assert checkpoint["step"] == 4 and checkpoint["args"]["compile"] == backend
-    model = train.build_model(checkpoint["args"])
+    model = guidance.build_model(checkpoint["args"])
     model.load_state_dict(checkpoint["model"])               # strict: plain keys, no "_orig_mod." prefix
     eager = final_weights(tmp_path / "eager")
     # aot_eager runs the same kernels (equal here); inductor fuses and reorders float arithmetic.
@@ -87,7 +87,7 @@ def test_the_restore_step_and_evaluation_keep_every_tensor_on_the_device(stage1,
     samples, _ = data.scan_training_set(args.data_root, data.TASKS)
     dataset = data.TrainDataset(samples, args.patch_size, [stage1["medium"]], sigmas=args.sigmas, seed=0)
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=2)))
-    model = train.build_model(vars(args))
+    model = guidance.build_model(vars(args))
     if planted:
         monkeypatch.setattr(guidance.PGM, "forward", planted_cpu_tensor)
     mismatch = pytest.raises(Exception, match="cpu.*device|device.*cpu") if planted else contextlib.nullcontext()

@@ -15,8 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import clip_prompts
 import data
+import demo
 import losses
 import train
 from guidance import build_backbone
@@ -40,7 +42,7 @@ def subprocess_env():
 def stage1(tmp_path_factory):
     """A tiny dataset and the outputs of stage 1 (medium-quality images, prompts), made once."""
     root = tmp_path_factory.mktemp("pipeline")
-    data.make_demo_data(root / "data", seed=0, train_count=2, test_count=1, size_range=(48, 64))
+    demo.make_demo_data(root / "data", seed=0, train_count=2, test_count=1, size_range=(48, 64))
     run_main(*TINY, "--data-root", root / "data", "--out", root / "run", "--stage", "all",
              "--medium-iters", 2, "--prompt-iters", 2, "--prompt-batch-size", 4, "--iters", 2)
     return dict(data=root / "data", medium=root / "run" / "medium" / "images",
@@ -153,7 +155,7 @@ def test_stage1_restores_every_training_image_once_by_the_model_of_the_other_fol
 
 
 def test_the_perceiver_is_measured_on_crops_of_held_out_triplets(tmp_path):
-    data.make_demo_data(tmp_path / "data", seed=0, train_count=10, test_count=1, size_range=(48, 56))
+    demo.make_demo_data(tmp_path / "data", seed=0, train_count=10, test_count=1, size_range=(48, 56))
     run_main(*TINY, "--data-root", tmp_path / "data", "--out", tmp_path / "run", "--stage", "medium",
              "--medium-iters", 1, "--tasks", "R+L")
     for view in ("crop", "whole"):
@@ -317,7 +319,7 @@ def test_resume_rejects_a_checkpoint_of_another_stage_and_one_with_a_single_avgp
     with pytest.raises(SystemExit, match="another stage"):
         run_main(*restore_args(stage1, tmp_path, "--resume", other))
     old = torch.load(stage1["out"] / "restore" / "last.pt", weights_only=True)
-    train.save_checkpoint(tmp_path / "old" / "restore" / "last.pt", {**old, "avg_psnr": 21.5})   # before per task
+    checkpoints.save_checkpoint(tmp_path / "old" / "restore" / "last.pt", {**old, "avg_psnr": 21.5})   # before per task
     with pytest.raises(SystemExit, match="one avgPSNR for all tasks"):
         run_main(*restore_args(stage1, tmp_path / "old", "--resume", "auto", "--iters", 4))
 

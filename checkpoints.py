@@ -1,0 +1,101 @@
+"""Checkpoints and exact resume (Sec. IV-A.4 trains for 400K iterations: days, on clusters that preempt jobs).
+
+A checkpoint is one plain dict of tensors and primitives (stage, args, step, epoch, avgPSNR of Eq. 10, model,
+optimiser, every rank's RNG states, the git commit), loadable with `torch.load(path, weights_only=True)` and
+written atomically. Resuming restores all of it, so a run stopped and resumed ends with the weights of a run
+that never stopped (train.py's data order and augmentation are functions of (seed, epoch, index)).
+
+What is in here:
+- `rng_state`, `set_rng_state`: torch, numpy, Python and CUDA generators as tensors and numbers.
+- `save_checkpoint` (temporary file, then rename), `load_checkpoint` (refuses anything else, naming the flag).
+- `restore_progress`, `write_checkpoint`: what train.py's loop calls to continue and to save a stage.
+- `git_commit`: the code's commit, recorded in every checkpoint.
+"""
+
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def git_commit():
+    """The commit of this code, "-dirty" when tracked files were changed; stored in every checkpoint."""
+    try:
+        return subprocess.check_output(["git", "describe", "--always", "--dirty", "--abbrev=40"], text=True,
+                                       cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def rng_state():
+    kind, keys, position, has_gauss, gauss = np.random.get_state()     # numpy's state as tensors and numbers
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])                                  # torch, numpy and Python generators, then CUDA
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    if torch.cuda.is_available() and state["cuda"].numel():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(path, checkpoint):
+    """Temporary file, then rename: a crash mid-write never leaves a half-written checkpoint."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)                    # the folder may be new (a fold, a snapshot)
+    torch.save(checkpoint, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def load_checkpoint(path, flag="--resume"):
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)   # tensors and primitives only
+    except Exception as error:
+        raise SystemExit(f"{flag} {path}: not a readable checkpoint ({type(error).__name__}: {str(error)[:200]})")
+    if not isinstance(checkpoint, dict) or not {"stage", "args", "model", "step"} <= set(checkpoint):
+        raise SystemExit(f"{flag} {path}: not a Perceive-IR training checkpoint (no stage/args/model/step)")
+    return checkpoint
+
+
+def restore_progress(args, run, name, out_dir, given, model, optimizer, state):
+    """Continue where this stage stopped, bit for bit: weights, optimiser, step, epoch, avgPSNR, every rank's RNG.
+    `given` is the --resume PATH file main() read once; --resume auto reads last.pt here, once. True if resumed."""
+    checkpoint = given if given is not None and given["stage"] == name else None
+    if checkpoint is None and (out_dir / "last.pt").is_file():
+        if args.resume != "auto":                      # never overwrite someone's run by accident
+            raise SystemExit(f"{out_dir / 'last.pt'} exists: continue it with --resume auto, or choose another --out")
+        checkpoint = load_checkpoint(out_dir / "last.pt")
+    if checkpoint is None:
+        return False
+    if checkpoint["stage"] == "restore" and not isinstance(checkpoint.get("avg_psnr"), (dict, type(None))):
+        # A single avgPSNR cannot say which of Eq. (10)'s weights each task's negatives had.
+        raise SystemExit("restore: this checkpoint (an older version's) holds one avgPSNR for all tasks; Eq. (10) "
+                         "now needs each task's, so it cannot resume exactly: start a new --out (evaluate.py reads it)")
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    state.update({key: checkpoint[key] for key in ("step", "epoch", "avg_psnr", "centroids") if key in checkpoint})
+    set_rng_state(checkpoint["rng"][run.rank % len(checkpoint["rng"])])
+    return True
+
+
+def write_checkpoint(args, run, name, out_dir, model, optimizer, state, snapshot=False):
+    """Every rank's RNG state is gathered; rank 0 writes last.pt (and a kept snapshot), then all wait."""
+    states = [rng_state()] * run.world                               # this rank's state fills every slot in one process
+    if run.distributed:
+        dist.all_gather_object(states, rng_state())
+    checkpoint = {"stage": name, "args": vars(args), "git_commit": git_commit(), **state,
+                  "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": states}
+    if run.master:
+        save_checkpoint(out_dir / "last.pt", checkpoint)
+        if snapshot:
+            save_checkpoint(out_dir / f"step_{state['step']:08d}.pt", checkpoint)
+            for old in sorted(out_dir.glob("step_*.pt"))[:-args.keep] if args.keep else []:   # 0 keeps all
+                old.unlink()
+    run.barrier()
