@@ -33,9 +33,9 @@ from tables import LAYOUTS, ResultTable, table_xv, write_atomic
 
 # --- Restoring the test sets with a trained checkpoint, or scoring another method's outputs ------------------------
 
-# Peak memory of one whole-image pass of the paper config (float32, DINOv2 included), a line through two sizes
-# measured by `python tests/benchmark.py` on a CPU (4.96-6.50 GB/MP over three runs: the upper one, to err high).
-WHOLE_IMAGE_GB = {"base": 1.7, "per_megapixel": 6.5}
+# Peak tensor memory of one whole-image pass of the paper config (float32, weights and DINOv2 included), a line
+# through 256² and 512² counted on fake tensors by `python tests/benchmark.py --memory` (1024²: 6.47 GB, on the line).
+WHOLE_IMAGE_GB = {"base": 0.46, "per_megapixel": 5.73}
 
 
 class Restorer:
@@ -204,8 +204,8 @@ def largest_image_note(test_sets, config):
     (W, H), set_name, name = max(sizes, key=lambda size: size[0][0] * size[0][1], default=((0, 0), "", ""))
     need = WHOLE_IMAGE_GB["base"] + WHOLE_IMAGE_GB["per_megapixel"] * W * H / 1e6      # a line in the pixels
     scale = "paper config" if config.get("backbone_config") == "paper" else "paper config; this smaller one needs less"
-    print(f"largest test image: {set_name}/{name}, {W}×{H}; a whole-image pass needs about {need:.1f} GB "
-          f"({scale}, measured on a CPU; on a GPU, running out names the image and --tile)")
+    print(f"largest test image: {set_name}/{name}, {W}×{H}; a whole-image pass needs about {need:.1f} GB of tensors "
+          f"({scale}; add the CUDA context and the allocator's cache; running out names the image and --tile)")
 
 
 # --- Your own images, and what the model perceived in them (Sec. III-C.2, Eq. 9) -----------------------------------

@@ -9,7 +9,9 @@ What is in here:
 - Stage 1b, `--stage prompt` (Eq. 1): the CLIP prompts, on cached features of the crops L_clip judges.
 - Stage 2, `--stage restore` (Eq. 13): L_rec + λ1 L_cl + λ2 L_clip + λ3 L_dpl, avgPSNR per task (Eq. 10).
 - `fit()`: the loop every stage shares: DDP (NCCL on CUDA, gloo on CPU), AdamW, warmup + cosine,
-  bf16, atomic checkpoints with exact resume, SIGINT/SIGTERM, a non-finite guard, logs.
+  `train_step` (bf16, torch.compile), checkpoints with exact resume (checkpoints.py), SIGINT/SIGTERM,
+  a non-finite guard, logs; `--init` starts a fine-tune from a trained model (Table VI †).
+The offline demo's data, settings and report are in demo.py.
 """
 
 import argparse

@@ -19,6 +19,7 @@ def allocator_peak(profiler):
     return max(itertools.accumulate(size for _, size in events))
 
 
+@pytest.mark.slow                                                # torch's profiler internals: private API
 def test_the_memory_counter_finds_the_peak_the_cpu_allocator_records_in_a_training_step():
     paper = benchmark.PaperStep("cpu", config="tiny")            # all four losses, DINOv2, CLIP and VGG stand-ins
     optimizer = torch.optim.AdamW(paper.model.parameters(), foreach=True)
@@ -26,7 +27,8 @@ def test_the_memory_counter_finds_the_peak_the_cpu_allocator_records_in_a_traini
     step = partial(train.train_step, paper.model, optimizer, paper.step_fn, batch, paper.state)
     step()                                                       # AdamW's state exists from here on
     paper.model.zero_grad(set_to_none=True)      # the profiler sees no free of a block allocated before it started
-    existing = [*paper.tensors(), *batch.values(), *(t for state in optimizer.state.values() for t in state.values())]
+    existing = [*benchmark.weights(paper.model, *paper.frozen), *batch.values(),
+                *(t for state in optimizer.state.values() for t in state.values())]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
         with benchmark.MemoryCounter() as counter:
             counter.track(*existing)                 # else a view of a weight would count as new memory
@@ -36,11 +38,11 @@ def test_the_memory_counter_finds_the_peak_the_cpu_allocator_records_in_a_traini
     assert counter.peak - before == pytest.approx(allocator_peak(profiler), abs=1024)   # 100 bytes apart here
 
 
+@pytest.mark.slow                                                # FakeTensorMode: private API
 @pytest.mark.parametrize("amp", ["none", "bf16"])
 def test_fake_tensors_count_the_peak_of_real_ones(amp):
     real = benchmark.step_peak(benchmark.PaperStep("cpu", config="tiny"), 2, amp)
-    mode, paper = benchmark.fake_mode(), benchmark.PaperStep("cpu", config="tiny")
-    benchmark.make_fake(mode, paper.model, *paper.frozen)
+    mode, paper = benchmark.fake_paper_step("tiny")
     with mode:
         fake = benchmark.step_peak(paper, 2, amp)
     assert fake == pytest.approx(real, rel=0.01)
