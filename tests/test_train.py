@@ -296,6 +296,15 @@ def test_an_existing_run_is_never_overwritten_without_resume(stage1, tmp_path):
     assert {p: p.read_bytes() for p in (tmp_path / "restore").iterdir()} == before
 
 
+@pytest.mark.parametrize("backbone", ["xrestormer", "grl"])
+def test_the_table_xv_backbones_train_in_the_restore_stage_and_evaluate_rebuilds_them(stage1, tmp_path, backbone):
+    run_main(*restore_args(stage1, tmp_path, "--backbone", backbone, "--iters", 2))
+    from evaluate import Restorer
+    restorer = Restorer.from_checkpoint(tmp_path / "restore/last.pt")      # strict: the checkpoint's own network
+    assert type(restorer.model.backbone).__name__ == {"xrestormer": "XRestormer", "grl": "GRL"}[backbone]
+    assert restorer(torch.rand(1, 3, 37, 45)).shape == (1, 3, 37, 45)         # any size: padded as the official code
+
+
 def test_init_fine_tunes_from_a_restore_checkpoints_weights_and_refuses_another_network(stage1, tmp_path):
     source = stage1["out"] / "restore" / "last.pt"                                   # trained for 2 steps
     # Table VI †: new data in practice (here the same); an LR of 1e-12 makes the one step leave the weights as they are.
