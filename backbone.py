@@ -215,6 +215,23 @@ class Upsample(nn.Module):
         return self.body(x)
 
 
+def unet_levels(net, shallow, priors):
+    """The levels of Eq. (4) between the shallow conv and the output conv, for Restormer and X-Restormer (which
+    share the U-Net and its module names): X_s (B, C, H, W) → refined features (B, 2C, H, W). Level l's blocks get
+    priors[l − 1]: l = 4 the latent, 3, 2, 1 the decoder levels; encoder and refinement blocks get none."""
+    enc1 = run_level(net.encoder_level1, shallow, None)                         # (B, C, H, W)
+    enc2 = run_level(net.encoder_level2, net.down1_2(enc1), None)               # (B, 2C, H/2, W/2)
+    enc3 = run_level(net.encoder_level3, net.down2_3(enc2), None)               # (B, 4C, H/4, W/4)
+    x = run_level(net.latent, net.down3_4(enc3), priors[3])                     # (B, 8C, H/8, W/8)
+    x = torch.cat([net.up4_3(x), enc3], dim=1)                                  # (B, 8C, H/4, W/4)
+    x = run_level(net.decoder_level3, net.reduce_chan_level3(x), priors[2])     # (B, 4C, H/4, W/4)
+    x = torch.cat([net.up3_2(x), enc2], dim=1)                                  # (B, 4C, H/2, W/2)
+    x = run_level(net.decoder_level2, net.reduce_chan_level2(x), priors[1])     # (B, 2C, H/2, W/2)
+    x = torch.cat([net.up2_1(x), enc1], dim=1)                                  # (B, 2C, H, W)
+    x = run_level(net.decoder_level1, x, priors[0])                             # (B, 2C, H, W): no reduction
+    return run_level(net.refinement, x, None)
+
+
 class Restormer(nn.Module):
     """The Restoration Branch, Eq. (4):  I_r = Conv(F_etb^{4,3,2,1}(F_tb^{1,2,3}(Conv(I_d))↓, Y_l)↑) + I_d
 
@@ -291,19 +308,7 @@ class Restormer(nn.Module):
         x_in = pad_to_multiple(image, 8)                          # three 2× downsamplings
 
         shallow = self.patch_embed(x_in)                                            # X_s (B, C, H, W)
-        enc1 = run_level(self.encoder_level1, shallow, None)                        # (B, C, H, W)
-        enc2 = run_level(self.encoder_level2, self.down1_2(enc1), None)             # (B, 2C, H/2, W/2)
-        enc3 = run_level(self.encoder_level3, self.down2_3(enc2), None)             # (B, 4C, H/4, W/4)
-        x = run_level(self.latent, self.down3_4(enc3), priors[3])                   # (B, 8C, H/8, W/8)
-
-        x = torch.cat([self.up4_3(x), enc3], dim=1)                                 # (B, 8C, H/4, W/4)
-        x = run_level(self.decoder_level3, self.reduce_chan_level3(x), priors[2])   # (B, 4C, H/4, W/4)
-        x = torch.cat([self.up3_2(x), enc2], dim=1)                                 # (B, 4C, H/2, W/2)
-        x = run_level(self.decoder_level2, self.reduce_chan_level2(x), priors[1])   # (B, 2C, H/2, W/2)
-        x = torch.cat([self.up2_1(x), enc1], dim=1)                                 # (B, 2C, H, W)
-        x = run_level(self.decoder_level1, x, priors[0])
-        x = run_level(self.refinement, x, None)
-
+        x = unet_levels(self, shallow, priors)                                      # (B, 2C, H, W)
         if self.dual_pixel_task:                                  # official dual-pixel variant
             x = self.output(x + self.skip_conv(shallow))
         else:

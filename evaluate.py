@@ -11,6 +11,7 @@ What is in here:
   method's restored images (`--pred`); `named_test_sets`: any folder (`--sets`).
 - `restore_files`: your own images, and what the model perceived in them.
 """
+
 import argparse
 import json
 import sys

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbone import (GDFN, MDTA, Downsample, LayerNorm, OverlapPatchEmbed, Upsample, check_image, pad_to_multiple,
-                      run_level)
+                      unet_levels)
 
 
 # --- Spatial attention in overlapping windows (HAT's OCA, as X-Restormer uses it) ----------------------------------
@@ -271,18 +271,7 @@ class XRestormer(nn.Module):
             x_in = F.interpolate(x_in, scale_factor=self.scale, mode="bilinear", align_corners=False)
 
         shallow = self.patch_embed(x_in)                                            # X_s (B, C, H, W)
-        enc1 = run_level(self.encoder_level1, shallow, None)                        # (B, C, H, W)
-        enc2 = run_level(self.encoder_level2, self.down1_2(enc1), None)             # (B, 2C, H/2, W/2)
-        enc3 = run_level(self.encoder_level3, self.down2_3(enc2), None)             # (B, 4C, H/4, W/4)
-        x = run_level(self.latent, self.down3_4(enc3), priors[3])                   # (B, 8C, H/8, W/8)
-
-        x = torch.cat([self.up4_3(x), enc3], dim=1)                                 # (B, 8C, H/4, W/4)
-        x = run_level(self.decoder_level3, self.reduce_chan_level3(x), priors[2])   # (B, 4C, H/4, W/4)
-        x = torch.cat([self.up3_2(x), enc2], dim=1)                                 # (B, 4C, H/2, W/2)
-        x = run_level(self.decoder_level2, self.reduce_chan_level2(x), priors[1])   # (B, 2C, H/2, W/2)
-        x = torch.cat([self.up2_1(x), enc1], dim=1)                                 # (B, 2C, H, W)
-        x = run_level(self.decoder_level1, x, priors[0])
-        x = run_level(self.refinement, x, None)
+        x = unet_levels(self, shallow, priors)                                      # Restormer's U-Net (Eq. 4)
         x = self.output(x) + x_in                                                   # global residual: + I_d
         return x[..., :H * self.scale, :W * self.scale]
 

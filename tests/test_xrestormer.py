@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from backbone import GDFN, MDTA, LayerNorm
+from test_backbone import PriorShift
 from xrestormer import OCAB, XRestormer, load_official, relative_index
 
 TINY = XRestormer.CONFIGS["tiny"]
@@ -115,19 +115,13 @@ def test_every_trainable_parameter_receives_a_gradient():
     assert not missing, f"no gradient for {missing}"
 
 
-class RecordingMixer(nn.Module):
-    """A stand-in guided mixer, X ← X + proj(LN(X)) + W·prior, that records what it is handed."""
+class RecordingMixer(PriorShift):
+    """test_backbone.py's stand-in mixer, recording what it is handed (the norm too)."""
     seen = []
-
-    def __init__(self, level, dim, num_heads, prior_dim=5):
-        super().__init__()
-        self.level = level
-        self.proj = nn.Conv2d(dim, dim, 1)
-        self.from_prior = nn.Linear(prior_dim, dim)
 
     def forward(self, x, norm, prior):
         RecordingMixer.seen.append((self.level, int(prior[0, 0]), x.shape[1], type(norm)))
-        return x + self.proj(norm(x)) + self.from_prior(prior)[:, :, None, None]
+        return super().forward(x, norm, prior)
 
 
 def test_guided_build_runs_the_mixer_in_exactly_the_latent_and_decoder_blocks_with_their_own_prior():
