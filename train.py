@@ -165,8 +165,11 @@ class Run:
     def __init__(self, device=None):
         self.distributed = "RANK" in os.environ             # set by torchrun (and by srun-style launches)
         cuda = torch.cuda.is_available() and device != "cpu"                            # a GPU unless --device cpu
-        if self.distributed:
-            dist.init_process_group("nccl" if cuda else "gloo")
+        if self.distributed:                              # env:// rendezvous, its keys kept per torchrun attempt:
+            store, rank, world = next(dist.rendezvous("env://"))   # torch 2.14's agent reuses its store on a
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")   # restart, and workers of a new
+            store = dist.PrefixStore(f"attempt_{attempt}", store)         # attempt read the dead ones' addresses
+            dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
         self.master = self.rank == 0                       # rank 0 writes files and prints; the others wait
         self.print0 = partial(print, flush=True) if self.master else (lambda *message: None)

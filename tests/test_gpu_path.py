@@ -5,11 +5,14 @@ the device it was asked for, and torchrun's restarts and several nodes give the 
 import contextlib
 import math
 import os
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from functools import partial
 
 import pytest
@@ -154,15 +157,20 @@ def test_a_worker_killed_mid_run_restarts_under_torchrun_and_ends_with_the_unint
     command = torchrun(stage1, tmp_path, "--standalone", "--nproc_per_node=2", "--max-restarts", "1")
     agent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env=subprocess_env())
-    output = []
-    for line in agent.stdout:                          # past the checkpoint of step 4, before the next one
-        output.append(line)
-        if line.startswith("restore [") and " 6/12 " in line:
-            victim = max(workers(agent.pid))           # one worker (the one started last), as an OOM killer would
-            os.kill(victim, signal.SIGKILL)
-            break
-    output += agent.stdout.readlines()
-    assert agent.wait(timeout=600) == 0, "".join(output)[-4000:]
+    lines = queue.Queue()                              # read in a thread: a hung restart fails the test, not CI
+    threading.Thread(target=lambda: [lines.put(line) for line in agent.stdout] + [lines.put(None)], daemon=True).start()
+    output, killed, deadline = [], False, time.monotonic() + 300
+    try:
+        while (line := lines.get(timeout=max(1.0, deadline - time.monotonic()))) is not None:
+            output.append(line)
+            if not killed and line.startswith("restore [") and " 6/12 " in line:   # past last.pt of step 4
+                os.kill(max(workers(agent.pid)), signal.SIGKILL)   # one worker (the one started last): an OOM kill
+                killed = True
+    except queue.Empty:                                # a hung job fails the test and is not left behind
+        for pid in [*workers(agent.pid), agent.pid]:
+            os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the torchrun job hung:\n" + "".join(output)[-4000:]) from None
+    assert killed and agent.wait(timeout=60) == 0, "".join(output)[-4000:]
     text = "".join(output)
     # The restarted workers continued from last.pt (step 4, or 8 if the ranks got there before the kill).
     assert re.search(r"resumed at step [48]\b", text), text[-4000:]
