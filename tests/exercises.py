@@ -59,7 +59,13 @@ TRAINING_RUNS = nodes(
     "test_the_medium_and_prompt_stages_resume_bit_for_bit",
     "test_the_negatives_are_announced_with_their_coverage_and_i_m_can_be_left_out",
     "test_the_offline_demo_restores_better_than_its_inputs",
-    "test_two_gloo_processes_match_one_process_and_log_the_mean_over_both")
+    "test_two_gloo_processes_match_one_process_and_log_the_mean_over_both",
+    "test_the_table_xv_backbones_train_in_the_restore_stage_and_evaluate_rebuilds_them",
+    "test_init_fine_tunes_from_a_restore_checkpoints_weights_and_refuses_another_network") + nodes(
+    "test_gpu_path.py", "test_amp_bf16_keeps_every_loss_term_in_float32_close_to_fp32_and_l_cl_is_not_quantised",
+    "test_compile_trains_resumes_and_its_checkpoint_loads_strictly_into_a_plain_model")
+# One restore step (every loss and PGCA, no avgPSNR) on other devices.
+RESTORE_STEP = nodes("test_gpu_path.py", "test_the_restore_step_and_evaluation_keep_every_tensor_on_the_device")
 LOSS_GRADIENTS = nodes("test_losses.py", "test_i_r_and_the_restorer_get_gradients_while_vgg_and_clip_get_none")
 TABLE_XI = nodes("test_losses.py", "test_table_xi_rows_switch_terms_off_and_a_term_off_costs_nothing")
 
@@ -70,14 +76,15 @@ EXERCISES = [
         "test_eq12_same_task_samples_are_neither_positives_nor_negatives",
         "test_eq12_samples_without_any_negative_are_masked_out_and_counted",
         "test_eq12_two_gloo_ranks_holding_half_the_batch_give_the_single_process_loss_and_gradients"),
-        breaks=TRAINING_RUNS + LOSS_GRADIENTS + TABLE_XI),
+        breaks=TRAINING_RUNS + RESTORE_STEP + LOSS_GRADIENTS + TABLE_XI),
     Exercise(2, "The CLIP-aware loss and its temperature", "Eq. (9), Eq. (1), Sec. III-D.1",
              ["losses.py:clip_aware_loss", "clip_prompts.py:prompt_logits"],
              nodes("test_losses.py", "test_eq9_clip_loss_is_zero_when_excellent_has_all_the_mass",
                    "test_eq9_clip_loss_is_two_thirds_when_the_three_prompts_tie")
              + nodes("test_clip_prompts.py", "test_eq1_cross_entropy_over_scaled_cosines_matches_a_hand_computation",
                      "test_the_perceiver_multiplies_the_cosines_by_clips_logit_scale"),
-             breaks=[node for node in TRAINING_RUNS if "eq10" not in node] + LOSS_GRADIENTS + TABLE_XI + nodes(
+             breaks=[node for node in TRAINING_RUNS if "eq10" not in node] + RESTORE_STEP + LOSS_GRADIENTS + TABLE_XI
+             + nodes(
                  "test_clip_prompts.py", "test_eq1_prompts_learn_to_rank_three_noise_levels_with_a_tiny_clip",
                  "test_only_the_prompt_embeddings_receive_gradients",
                  "test_prompt_checkpoint_round_trips_with_weights_only",
@@ -90,7 +97,7 @@ EXERCISES = [
              nodes("test_guidance.py", "test_eq7_pgca_takes_the_query_from_y_and_key_value_from_x",
                    "test_eq8_the_residual_of_the_etb_mixer_is_y",
                    "test_eq3_an_etb_is_gdfn_after_the_guided_mixer_which_takes_the_place_of_mdta"),
-             breaks=TRAINING_RUNS + nodes(
+             breaks=TRAINING_RUNS + RESTORE_STEP + nodes(
                  "test_guidance.py", "test_each_table_x_ablation_builds_and_trains",
                  "test_every_trainable_parameter_gets_a_gradient_and_no_dinov2_parameter_does",
                  "test_output_shape_equals_input_shape_for_odd_sizes",
@@ -99,6 +106,7 @@ EXERCISES = [
                  "test_the_guidance_keeps_every_feature_shape_of_the_plain_backbone",
                  "test_without_pgm_the_guidance_ignores_z_and_with_pgm_it_does_not")
              + nodes("test_evaluate.py", "test_a_checkpoint_without_centroids_still_restores_with_a_message",
+                     "test_any_folder_is_a_test_set_and_one_without_targets_gets_the_no_reference_metrics",
                      "test_an_unreadable_file_is_named_and_skipped_and_the_others_are_restored",
                      "test_benchmark_images_are_restored_whole_unless_tiles_are_asked_for",
                      "test_end_to_end_evaluation_scores_each_restored_test_image",
@@ -113,7 +121,7 @@ EXERCISES = [
     Exercise(5, "The total loss and its ablations", "Eq. (13), Table XI", ["losses.py:PerceiveIRLoss.loss_terms"],
              TABLE_XI + nodes("test_losses.py",
                               "test_eq10_each_image_counts_its_non_easy_negatives_and_those_weighted_1_minus_gamma"),
-             breaks=TRAINING_RUNS + LOSS_GRADIENTS + nodes(
+             breaks=TRAINING_RUNS + RESTORE_STEP + LOSS_GRADIENTS + nodes(
                  "test_losses.py", "test_a_term_switched_on_without_its_network_is_a_clear_error")),
     Exercise(6, "Swap the backbone", "Table XV, Sec. III-C.1", task=(
         "add a fifth backbone to guidance.py:BACKBONES that honours the guided_attention interface and add it "
@@ -124,7 +132,7 @@ EXERCISES = [
                  "test_eq10_before_any_psnr_is_measured_every_negative_counts_as_very_hard",
                  "test_eq11_dpl_equals_the_hand_computed_ratio_with_a_missing_negative",
                  "test_eq11_dpl_with_no_non_easy_negatives_uses_the_easy_negative_alone"),
-             breaks=TRAINING_RUNS + LOSS_GRADIENTS + TABLE_XI + nodes(
+             breaks=TRAINING_RUNS + RESTORE_STEP + LOSS_GRADIENTS + TABLE_XI + nodes(
                  "test_losses.py",
                  "test_eq10_each_image_counts_its_non_easy_negatives_and_those_weighted_1_minus_gamma")),
     Exercise(8, "avgPSNR per task", "Eq. (10), Sec. III-D.2", ["losses.py:average_psnr"], nodes(

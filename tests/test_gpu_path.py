@@ -57,8 +57,9 @@ def test_compile_trains_resumes_and_its_checkpoint_loads_strictly_into_a_plain_m
     model = guidance.build_model(checkpoint["args"])
     model.load_state_dict(checkpoint["model"])               # strict: plain keys, no "_orig_mod." prefix
     eager = final_weights(tmp_path / "eager")
-    # aot_eager runs the same kernels (equal here); inductor fuses and reorders float arithmetic.
-    tolerance = 1e-6 if backend == "aot_eager" else 1e-4
+    # aot_eager runs the same kernels (equal here). Inductor fuses and reorders float arithmetic, and Adam turns a
+    # near-zero gradient's rounding into a step of up to lr (2e-3 here): 1.1e-4 measured; a wrong graph is ~lr.
+    tolerance = 1e-6 if backend == "aot_eager" else 5e-4
     assert max((eager[k] - checkpoint["model"][k]).abs().max().item() for k in eager) < tolerance
 
 
