@@ -578,9 +578,9 @@ def load_official(model, path):
     except pickle.UnpicklingError as error:
         raise RuntimeError(
             f"{path} pickles Python objects besides tensors (a Lightning .ckpt keeps its hyper-parameters as "
-            "OmegaConf objects), so torch.load(weights_only=True) refuses it. If you trust the file, extract the "
-            "weights once: torch.save(torch.load(path, weights_only=False)['state_dict'], 'grl_weights.pt'), "
-            "then load that file.") from error
+            "OmegaConf objects), which loading with weights_only=True refuses. If you trust the file, load it once "
+            "with weights_only=False, save its 'state_dict' alone with torch.save, and pass that file instead."
+        ) from error
     state = checkpoint.get("state_dict", checkpoint)
     if any(key.startswith("model.") for key in state):         # Lightning engine: keep its `model` only
         state = {key[len("model."):]: value for key, value in state.items() if key.startswith("model.")}
