@@ -409,6 +409,8 @@ class TripletDataset(torch.utils.data.Dataset):
                 "task": torch.tensor(TASKS.index(sample.task)), "key": sample.key}
 
 
+# --- One pass of the loader: the batches train.py's loop draws ----------------------------------------------------
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)       # train.py checkpoints and stops on these
 
 
