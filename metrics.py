@@ -63,6 +63,21 @@ def psnr(restored, target, data_range):
     return 10 * torch.log10(data_range ** 2 / mse)                                      # inf for identical images
 
 
+def local_mean(images, window):
+    """The separable filter `window` ⊗ `window` over the last two axes, where it lies wholly inside: (..., H, W) →
+    (..., H−k+1, W−k+1). The same sums as two 1-D float64 convolutions, written as k shifted multiply-adds per axis,
+    because PyTorch's CPU convolution has no fast float64 path (measured 8× slower on a 481×321 image)."""
+    k, (H, W) = window.numel(), images.shape[-2:]
+    weights = window.tolist()
+    rows = images[..., :, 0:W - k + 1] * weights[0]                                     # along the width ...
+    for i in range(1, k):
+        rows.add_(images[..., :, i:W - k + 1 + i], alpha=weights[i])
+    out = rows[..., 0:H - k + 1, :] * weights[0]                                        # ... then the height
+    for i in range(1, k):
+        out.add_(rows[..., i:H - k + 1 + i, :], alpha=weights[i])
+    return out
+
+
 def ssim(restored, target, window, data_range, sample_covariance, replicate_border=False, full_map=False):
     """Mean SSIM per image (Wang et al. 2004), (B, C, H, W) → (B,), averaged over channels (or the map).
     Local statistics use the separable `window` where it lies wholly inside the image (skimage's crop,
@@ -71,13 +86,10 @@ def ssim(restored, target, window, data_range, sample_covariance, replicate_bord
         radius = window.numel() // 2                                                    # 5 for the 11×11 window
         restored = F.pad(restored, (radius,) * 4, mode="replicate")
         target = F.pad(target, (radius,) * 4, mode="replicate")
-    B, C, H, W = restored.shape                                                         # (after any padding)
     k = window.numel()
     stats = torch.stack([restored, target, restored * restored, target * target, restored * target], 2)
-    stats = stats.reshape(B * C * 5, 1, H, W)                                    # (B·C·5, 1, H, W)
-    window = window.to(stats)                                                           # float64, on the images' device
-    stats = F.conv2d(F.conv2d(stats, window.view(1, 1, 1, k)), window.view(1, 1, k, 1))
-    mu_x, mu_y, xx, yy, xy = stats.reshape(B, C, 5, H - k + 1, W - k + 1).unbind(2)
+    stats = local_mean(stats, window)                           # (B, C, 5, H−k+1, W−k+1), windowed means inside
+    mu_x, mu_y, xx, yy, xy = stats.unbind(2)
     cov_norm = k * k / (k * k - 1) if sample_covariance else 1.0                 # skimage: N/(N−1)
     var_x, var_y = cov_norm * (xx - mu_x * mu_x), cov_norm * (yy - mu_y * mu_y)         # σ_x², σ_y²
     cov_xy = cov_norm * (xy - mu_x * mu_y)                                              # σ_xy
