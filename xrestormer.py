@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone import (GDFN, MDTA, Downsample, LayerNorm, OverlapPatchEmbed, Upsample, check_image, pad_to_multiple,
-                      unet_levels)
+from backbone import (GDFN, MDTA, Downsample, LayerNorm, OverlapPatchEmbed, Upsample, check_image, count_parameters,
+                      pad_to_multiple, unet_levels)
 
 
 # --- Spatial attention in overlapping windows (HAT's OCA, as X-Restormer uses it) ----------------------------------
@@ -297,9 +297,7 @@ def load_official(model, path):
 
 if __name__ == "__main__":
     for name, config in XRestormer.CONFIGS.items():
-        model = XRestormer(**config)
-        count = sum(p.numel() for p in model.parameters())
-        print(f"X-Restormer {name:5s} {count:>12,d} parameters, pads to a multiple of "
+        print(f"X-Restormer {name:5s} {count_parameters(XRestormer(**config)):>12,d} parameters, pads to a multiple of "
               f"{XRestormer.size_multiple(config)}")
     model = XRestormer(**XRestormer.CONFIGS["tiny"]).eval()
     with torch.no_grad():
