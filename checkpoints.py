@@ -10,9 +10,12 @@ What is in here:
 - `save_checkpoint` (temporary file, then rename), `load_checkpoint` (refuses anything else, naming the flag).
 - `restore_progress`, `write_checkpoint`: what train.py's loop calls to continue and to save a stage.
 - `git_commit`: the code's commit, recorded in every checkpoint.
+- `export_weights`: a trained model without its optimiser, to share (`python checkpoints.py export SRC DST`).
 """
 
+import hashlib
 import os
+import sys
 import random
 import subprocess
 from pathlib import Path
@@ -54,6 +57,13 @@ def save_checkpoint(path, checkpoint):
     os.replace(f"{path}.tmp", path)
 
 
+def output_folder(path, flag):
+    """An output folder a flag names: refused, in one line, if it is an existing file (nothing is written yet)."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise SystemExit(f"{flag} {path}: this is a file, not a folder; choose a folder (it is created if new)")
+    return path
+
+
 def load_checkpoint(path, flag="--resume"):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)   # tensors and primitives only
@@ -68,17 +78,25 @@ def restore_progress(args, run, name, out_dir, given, model, optimizer, state):
     """Continue where this stage stopped, bit for bit: weights, optimiser, step, epoch, avgPSNR, every rank's RNG.
     `given` is the --resume PATH file main() read once; --resume auto reads last.pt here, once. True if resumed."""
     checkpoint = given if given is not None and given["stage"] == name else None
-    if checkpoint is None and (out_dir / "last.pt").is_file():
-        if args.resume != "auto":                      # never overwrite someone's run by accident
-            raise SystemExit(f"{out_dir / 'last.pt'} exists: continue it with --resume auto, or choose another --out")
-        checkpoint = load_checkpoint(out_dir / "last.pt")
+    last = out_dir / "last.pt"
+    own = checkpoint is not None and last.is_file() and Path(args.resume).resolve() == last.resolve()
+    if last.is_file() and args.resume != "auto" and not own:    # never overwrite a run by accident, whatever --resume
+        raise SystemExit(f"{last} exists: continue it with --resume auto, or choose another --out"          # says
+                         + (f" (--resume {args.resume} would overwrite that run)" if checkpoint else ""))
+    if checkpoint is None and last.is_file():
+        checkpoint = load_checkpoint(last)
     if checkpoint is None:
         return False
     if checkpoint["stage"] == "restore" and not isinstance(checkpoint.get("avg_psnr"), (dict, type(None))):
         # A single avgPSNR cannot say which of Eq. (10)'s weights each task's negatives had.
         raise SystemExit("restore: this checkpoint (an older version's) holds one avgPSNR for all tasks; Eq. (10) "
                          "now needs each task's, so it cannot resume exactly: start a new --out (evaluate.py reads it)")
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:                         # another backbone, config or Table X switch
+        first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+        raise SystemExit(f"{name}: the checkpoint to resume holds another network than these settings build "
+                         f"({first[:160]}); resume with the settings it was trained with (its args.json)") from None
     optimizer.load_state_dict(checkpoint["optimizer"])
     state.update({key: checkpoint[key] for key in ("step", "epoch", "avg_psnr", "centroids") if key in checkpoint})
     set_rng_state(checkpoint["rng"][run.rank % len(checkpoint["rng"])])
@@ -99,3 +117,23 @@ def write_checkpoint(args, run, name, out_dir, model, optimizer, state, snapshot
             for old in sorted(out_dir.glob("step_*.pt"))[:-args.keep] if args.keep else []:   # 0 keeps all
                 old.unlink()
     run.barrier()
+
+
+# What a trained model needs to restore and to report what it perceived: no optimiser, no RNG states.
+EXPORTED = ("stage", "args", "git_commit", "step", "epoch", "avg_psnr", "centroids", "model")
+
+
+def export_weights(source, destination):
+    """A checkpoint's weights, the args that rebuild its network and its centroids of Z (about a third of its size:
+    AdamW keeps two moments per weight), written atomically; it restores images but cannot resume. → sha256."""
+    checkpoint = load_checkpoint(source, flag="export")
+    save_checkpoint(destination, {key: checkpoint[key] for key in EXPORTED if key in checkpoint})
+    return hashlib.sha256(Path(destination).read_bytes()).hexdigest()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "export":
+        raise SystemExit("usage: python checkpoints.py export CHECKPOINT OUT.pt   (weights, args and centroids "
+                         "of a trained checkpoint, without its optimiser)")
+    digest = export_weights(sys.argv[2], sys.argv[3])
+    print(f"{sys.argv[3]}: {Path(sys.argv[3]).stat().st_size / 1e6:.1f} MB, sha256 {digest}")

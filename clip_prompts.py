@@ -502,12 +502,25 @@ def read_medium_manifest(medium_dir):
 # --- Command line: quality scores and a self-check -----------------------------------------------------------------
 
 def score(args):
+    """P(level) of each image; an unreadable image is named and skipped, and the exit status says so."""
     import data                                    # image reading is data.py's job
-    perceiver = QualityPerceiver.from_checkpoint(args.prompts, args.clip_weights, args.device)
+    try:
+        perceiver = QualityPerceiver.from_checkpoint(args.prompts, args.clip_weights, args.device)
+    except (OSError, RuntimeError, ValueError, KeyError) as error:
+        raise SystemExit(f"clip_prompts.py score: {error}") from None
+    skipped = []
     for path in args.images:
+        try:
+            image = data.read_image(path)
+        except ValueError as error:                # one bad file must not cost the others
+            print(f"SKIPPED {path}: {error}")
+            skipped.append(path)
+            continue
         with torch.no_grad():
-            probabilities = perceiver(data.read_image(path)[None].to(args.device))[0]
+            probabilities = perceiver(image[None].to(args.device))[0]
         print(f"{path}\t" + "  ".join(f"{w}={p:.4f}" for w, p in zip(perceiver.levels, probabilities.tolist())))
+    if skipped:
+        raise SystemExit(f"scored {len(args.images) - len(skipped)} image(s); skipped {len(skipped)}")
 
 
 def self_check():

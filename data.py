@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, read_file, write_png
 
+from degradations import SYNTHESIS, add_gaussian_noise, quantize   # (data.quantize and data.add_gaussian_noise)
+
 TASKS = ("denoise", "dehaze", "derain", "deblur", "lowlight")       # label = index
 TASK_LETTERS = {"N": "denoise", "H": "dehaze", "R": "derain", "B": "deblur", "L": "lowlight"}
 SIGMAS = (15, 25, 50)                                               # Sec. IV-A.1
@@ -62,9 +64,16 @@ def parse_tasks(spec):
 def parse_resample(spec):
     """--resample 'denoise=3,derain=120,...' → {task: ratio} (Sec. IV-A.4), or None (the paper's ratios)."""
     try:
-        return None if spec is None else {t: float(r) for t, r in (item.split("=") for item in spec.split(","))}
+        ratios = {} if spec is None else {t.strip(): float(r) for t, r in (i.split("=") for i in spec.split(","))}
     except ValueError:
         raise ValueError(f"--resample {spec!r}: expected task=ratio pairs, e.g. denoise=3,derain=120") from None
+    for task, ratio in ratios.items():                 # a typo or a fraction must not change the data silently
+        if task not in TASKS:
+            raise ValueError(f"--resample {spec!r}: unknown task {task!r}; the tasks are {', '.join(TASKS)}")
+        if ratio < 1 or ratio != int(ratio):
+            raise ValueError(f"--resample {spec!r}: {task}={ratio:g} is not a whole number of repeats ≥ 1 "
+                             "(to leave a task out, drop it from --tasks)")
+    return {t: int(r) for t, r in ratios.items()} if spec is not None else None
 
 
 def stratum(task, sigma=0):
@@ -77,7 +86,7 @@ def _rng(*parts):
     return np.random.default_rng([zlib.crc32(str(p).encode()) for p in parts])
 
 
-# --- Image I/O and noise -------------------------------------------------------------------------------------------
+# --- Image I/O -------------------------------------------------------------------------------------------
 
 def read_image(path):
     """An image file → float32 (3, H, W) in [0, 1]; grayscale → RGB, alpha dropped, 16 bit scaled."""
@@ -85,6 +94,8 @@ def read_image(path):
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"{path}: unsupported image type {path.suffix!r}; convert it to {sorted(IMAGE_SUFFIXES)}")
     try:
+        with Image.open(path):                 # the header alone: PIL refuses a decompression bomb before decoding
+            pass
         if path.suffix.lower() in TORCHVISION_SUFFIXES:   # (torchvision 0.29 flags this API as deprecated)
             image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
             image = image[0] if image.dim() == 4 else image              # animated GIF: frame 1
@@ -92,7 +103,7 @@ def read_image(path):
         with Image.open(path) as pil:                                    # "I;16": 16-bit grayscale
             wide = pil.mode.startswith("I")
             array = np.asarray(pil if wide else pil.convert("RGB"), np.float32) / (65535.0 if wide else 255.0)
-    except (RuntimeError, OSError, ValueError, SyntaxError) as error:
+    except (RuntimeError, OSError, ValueError, SyntaxError, MemoryError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read image {path}: {error}. Replace or remove the file.") from error
     image = torch.from_numpy(array.clip(0, 1))
     return image.expand(3, -1, -1).contiguous() if wide else image.permute(2, 0, 1).contiguous()
@@ -104,23 +115,26 @@ def write_image(path, image):
     write_png((image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8), str(path))
 
 
-def quantize(image):
-    """Round to the nearest 8-bit level, as saving to PNG does."""
-    return (image * 255).round() / 255
-
-
-def add_gaussian_noise(clean, sigma, rng):
-    """I_d = Q(clip(I_g + σ/255 · n)), n ~ N(0, 1) i.i.d., Q = 8-bit rounding (Sec. IV-A.1)."""
-    # UNSPECIFIED: the paper does not say how noise is stored; PromptIR truncates to uint8 (−½ level), we round.
-    noise = torch.from_numpy(rng.standard_normal(tuple(clean.shape), dtype=np.float32))
-    return quantize((clean + noise * (sigma / 255)).clamp(0, 1))
-
-
 # --- Finding and checking the images (Table I) ---------------------------------------------------------------------
 
 # One training image: its task, its key (POSIX path below the task's input folder, the name of its I_m
-# and negatives), and its files; input_path is None for clean denoising images (noise comes on the fly).
+# and negatives), and its files; input_path is None for a clean image degraded on the fly: noise added for
+# denoising, haze or blur synthesized for a task of `--synthesize` (degradations.SYNTHESIS).
 Sample = namedtuple("Sample", "task key input_path target_path")
+
+
+def noised(sample):
+    """A clean denoising image: its noise is added on the fly, at a σ of its own (a stratum of Eq. 10 per σ)."""
+    return sample.input_path is None and sample.task == "denoise"
+
+
+def spread(samples, per_task):
+    """At most `per_task` samples of each task, evenly spread over its sorted list (all of them if 0)."""
+    chosen = []
+    for task in TASKS:
+        of_task = [s for s in samples if s.task == task]
+        chosen += of_task[::max(1, -(-len(of_task) // per_task))] if per_task else of_task
+    return chosen
 
 
 def _images(folder, problems):
@@ -216,24 +230,29 @@ def _raise(problems, where):
                      f"(`python data.py --check ROOT` lists them all):\n  {shown}")
 
 
-def scan_training_set(root, tasks, split="train", strict=True):
+def scan_training_set(root, tasks, split="train", strict=True, synthesize=()):
     """Find, pair and check the images of `tasks` → (samples, {"found": {task: ...}, "problems": [...]}): before
     training, corrupt or unsupported files, missing targets, size mismatches, missing listed files, empty or
-    missing task folders. strict=True raises them as one ValueError."""
+    missing task folders. strict=True raises them as one ValueError. A task in `synthesize` (dehaze, deblur)
+    takes the clean images of the denoising sets instead of pairs of its own: its degraded images are made
+    on the fly (degradations.SYNTHESIS)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--data-root {root} does not exist")
     samples, sizes, problems = [], {}, []
     report = {"found": {}, "problems": problems}
+    for task in synthesize:
+        if task not in SYNTHESIS:
+            raise ValueError(f"--synthesize: cannot make {task} pairs; only {' and '.join(SYNTHESIS)} can be made")
     for task in tasks:
         letter = next(k for k, v in TASK_LETTERS.items() if v == task)
-        located = _locate(root, split, task, problems)
+        located = _locate(root, split, "denoise" if task in synthesize else task, problems)
         if located is None:
             problems.append(f"task {task!r}: no {split}/{task}/<set>/, {split}/{AUTHORS_NAMES[task]}/ or Train/"
                             f"{AUTHORS_NAMES[task]}/ under {root}: add the data or drop {letter} from --tasks")
             continue
         layout, folder, sources = located
-        found = []
+        layout, found = f"synthesized from {layout} denoise" if task in synthesize else layout, []
         for prefix, input_dir, target_dir, list_file in sources:
             inputs = _images(input_dir or target_dir, problems)
             if list_file is not None:                      # PromptIR trains on the listed files only
@@ -241,7 +260,7 @@ def scan_training_set(root, tasks, split="train", strict=True):
                 relative = {p.relative_to(folder).as_posix(): p for p in inputs}
                 problems += [f"{folder / e}: in {list_file} but missing" for e in sorted(listed - set(relative))]
                 inputs, layout = [p for r, p in relative.items() if r in listed], layout + " (lists)"
-            if input_dir is None:
+            if input_dir is None:               # clean images: denoising, or a task synthesized from them
                 found += [Sample(task, prefix + p.relative_to(target_dir).as_posix(), None, p)
                           for p in inputs if _probe(p, problems, sizes)]
             else:
@@ -268,12 +287,15 @@ def _same_size(image, target, path, target_path):
 
 
 def load_pair(sample, sigmas=SIGMAS):
-    """Whole (degraded, target, σ); the noise of a clean image is fixed by its key (I_m and triplets share it)."""
+    """Whole (degraded, target, σ); the noise, haze or blur of a clean image is fixed by its key (I_m and the
+    triplets share it)."""
     target = read_image(sample.target_path)
     if sample.input_path is not None:
         degraded = read_image(sample.input_path)
         _same_size(degraded, target, sample.input_path, sample.target_path)
         return degraded, target, 0
+    if not noised(sample):                                                  # --synthesize: haze or blur
+        return SYNTHESIS[sample.task](target, _rng(sample.task, sample.key)), target, 0
     # UNSPECIFIED: which σ the medium-quality image of a clean denoising image is made at; we give
     # each image one σ of {15, 25, 50}, fixed by its key, so the three levels are equally common.
     sigma = sigmas[zlib.crc32(sample.key.encode()) % len(sigmas)]
@@ -312,7 +334,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.copy_index = np.concatenate([np.arange(r) for r in ratios]) if ratios else np.zeros(0, int)
         # Eq. (10) compares each negative with the avgPSNR of its own stratum: a task, or denoising at one σ.
         strata = {(TASKS.index(s.task), sig) for s in self.samples
-                  for sig in (self.sigmas if s.input_path is None else (0,))}
+                  for sig in (self.sigmas if noised(s) else (0,))}
         self.strata = [stratum(TASKS[t], sig) for t, sig in sorted(strata)]             # in TASKS order, then σ
         # Which images have a non-easy negative in each folder (Eq. 11); missing ones are masked out.
         self.negative_mask = np.array([[keyed_path(d, s.task, s.key).is_file() for d in self.negative_dirs]
@@ -332,7 +354,7 @@ class TrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         sample, copy, epoch = self.samples[self.sample_index[index]], int(self.copy_index[index]), int(self._epoch)
         sigma = 0
-        if sample.input_path is None:
+        if noised(sample):
             # UNSPECIFIED: how σ is drawn (paper: ratio 3, σ ∈ {15, 25, 50}; PromptIR code: 3 copies per σ);
             # copy c gets σ[(c + epoch + crc(key)) mod 3], so each image sees every σ once per epoch.
             sigma = self.sigmas[(copy + epoch + zlib.crc32(sample.key.encode())) % len(self.sigmas)]
@@ -342,7 +364,10 @@ class TrainDataset(torch.utils.data.Dataset):
         """One training item of sample `sample_index`, noised at σ (clean images), drawn with `rng`."""
         sample, P = self.samples[sample_index], self.patch_size
         target = read_image(sample.target_path)
-        images = [target if sample.input_path is None else read_image(sample.input_path), target]
+        if sample.input_path is not None:
+            images = [read_image(sample.input_path), target]
+        else:               # noise comes below, on the crops; synthesized haze or blur on the whole image, here
+            images = [target if noised(sample) else SYNTHESIS[sample.task](target, rng), target]
         _same_size(images[0], target, sample.input_path or sample.target_path, sample.target_path)
         mask = self.negative_mask[sample_index].tolist()
         for folder in (d for d, present in zip(self.negative_dirs, mask) if present):
@@ -353,7 +378,7 @@ class TrainDataset(torch.utils.data.Dataset):
         H, W = target.shape[-2:]
         (y, x), (y2, x2) = rng.integers(0, [H - P + 1, W - P + 1], size=(2, 2))   # crop, positive crop
         top, left = 0, 0
-        if sample.input_path is None:
+        if noised(sample):
             # Noise the region holding both crops once, so the positive shares the realisation.
             top, left = min(y, y2), min(x, x2)
             degraded = add_gaussian_noise(target[:, top:max(y, y2) + P, left:max(x, x2) + P], sigma, rng)
@@ -376,7 +401,7 @@ class TrainDataset(torch.utils.data.Dataset):
         for name in self.strata:
             task, sigma = name.split("_sigma")[0], float(name.split("_sigma")[1]) if "_sigma" in name else 0
             indices = [i for i, s in enumerate(self.samples)               # clean images for a σ stratum
-                       if s.task == task and (s.input_path is None) == (sigma > 0)]
+                       if s.task == task and noised(s) == (sigma > 0)]
             order = _rng(seed, "probe", name).permutation(indices)       # cycles when a task has few images
             items = [self.crop(order[n % len(order)], sigma, _rng(seed, "probe", name, n))
                      for n in range(per_stratum)]
@@ -528,9 +553,15 @@ def main(argv=None):
     parser.add_argument("--check", metavar="ROOT", help="scan ROOT's train and test splits: counts and problems")
     parser.add_argument("--tasks", default="N+H+R+B+L", help="N+H+R or N+H+R+B+L (Sec. IV-A.1), or a subset")
     args = parser.parse_args(argv)
-    tasks = parse_tasks(args.tasks)
+    try:
+        tasks = parse_tasks(args.tasks)
+    except ValueError as error:
+        raise SystemExit(f"data.py: {error}") from None
     if args.check:
-        raise SystemExit(1 if check(args.check, tasks) else 0)
+        try:
+            raise SystemExit(1 if check(args.check, tasks) else 0)
+        except (OSError, ValueError) as error:                          # a missing root, an unreadable folder
+            raise SystemExit(f"data.py --check: {error}") from None
     with tempfile.TemporaryDirectory() as tmp:    # no argument: a self-check on random images, generic layout
         for split, task in ((s, t) for s in ("train", "test") for t in tasks):
             for folder in ("",) if task == "denoise" else ("input/", "target/"):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import data
 import losses
+from degradations import motion_kernel
 from guidance import perceive, restore_image
 
 # Offline demo: generated data, tiny networks with random weights (CLIP, DINOv2, VGG). Its tasks have equally many
@@ -59,21 +60,6 @@ def _convolve(image, kernel):
     kernel, pad = torch.as_tensor(kernel, dtype=torch.float32).flip(0, 1), len(kernel) // 2
     padded = F.pad(image[None], (pad, pad, pad, pad), mode="reflect")
     return F.conv2d(padded, kernel[None, None].expand(3, 1, -1, -1), groups=3)[0]
-
-
-def motion_kernel(rng, size, direction, turning):
-    """A size × size kernel summing to 1: 48 unit steps from `direction` (radians, 90° = down), each turned
-    by N(0, turning²); turning = 0 draws a straight line."""
-    velocity, points = np.array([math.sin(direction), math.cos(direction)]), [np.zeros(2)]
-    for _ in range(48):
-        velocity = velocity + rng.normal(0, turning, 2)
-        velocity /= np.linalg.norm(velocity)
-        points.append(points[-1] + velocity)
-    points = np.array(points) - np.mean(points, axis=0)                         # (49, 2) row, column
-    rows, cols = np.round(points * (size // 2) / np.abs(points).max() + size // 2).astype(int).T
-    kernel = np.zeros((size, size), np.float32)
-    np.add.at(kernel, (rows, cols), 1.0)                                          # each step deposits light
-    return kernel / kernel.sum()
 
 
 def synthetic_haze(clean, rng):

@@ -14,6 +14,7 @@ What is in here:
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import clip_prompts
 import data
 import train
 from backbone import count_parameters
-from checkpoints import load_checkpoint
+from checkpoints import load_checkpoint, output_folder
 from data import TASKS
 from guidance import build_model, build_sgm, perceive, restore_image
 from metrics import CONVENTIONS, LPIPS_NAME, NO_REFERENCE, NR_METRICS, build_lpips, compute_metrics_per_image
@@ -37,6 +38,9 @@ from tables import LAYOUTS, ResultTable, table_xv, write_atomic
 # Peak tensor memory of one whole-image pass of the paper config (float32, weights and DINOv2 included), a line
 # through 256² and 512² counted on fake tensors by `python tests/benchmark.py --memory` (1024²: 6.47 GB, on the line).
 WHOLE_IMAGE_GB = {"base": 0.46, "per_megapixel": 5.73}
+# The weights this repository ships: `train.py --preset laptop` (README, "A real restorer in an hour"), exported
+# without the optimiser; used when no --checkpoint is given.
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "laptop" / "perceive-ir-laptop.pt"
 
 
 class Restorer:
@@ -148,11 +152,15 @@ def prediction_pairs(folder, test_set, problems):
         if index not in matched:
             problems.append(f"{folder}: no prediction for {(source or target).name}")
             continue
-        prediction = data.read_image(matched[index])
+        try:                                                  # one bad file must not cost the others
+            prediction = data.read_image(matched[index])
+            target_image = None if target is None else test_set.target(index)
+        except ValueError as error:
+            problems.append(str(error))
+            continue
         if target is None:                                                    # a set without targets (--sets)
             yield matched[index].name, prediction[None], None
             continue
-        target_image = test_set.target(index)
         if prediction.shape != target_image.shape:
             (h, w), (th, tw) = prediction.shape[-2:], target_image.shape[-2:]           # (H, W) of both
             problems.append(f"size mismatch: {matched[index]} is {w}x{h}, its target {tw}x{th} "
@@ -234,6 +242,17 @@ def restore_files(restorer, inputs, output_dir, grid=False, perceiver=None, devi
     if not paths:
         raise SystemExit(f"--input {inputs}: no PNG, JPEG, WebP, BMP or TIFF images in it")
     names, report, skipped = output_names(paths), {}, []
+    inside = output_dir.resolve() == inputs.resolve() or inputs.resolve() in output_dir.resolve().parents
+    overwritten = {(output_dir / name).resolve() for name in names.values()} & {p.resolve() for p in paths}
+    if inputs.is_dir() and inside or overwritten:
+        raise SystemExit(f"--output {output_dir}: the same folder as --input {inputs}, or inside it: the originals "
+                         "would be overwritten or read back as inputs; choose another --output. Nothing was restored.")
+    previous = output_dir / "perception.json"                  # an earlier run into this folder: merged, never dropped
+    try:
+        report = json.loads(previous.read_text()) if previous.is_file() else {}
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--output {output_dir}: its perception.json cannot be read ({error}), and a new one would "
+                         "replace it: move it away or choose another --output. Nothing was restored.") from None
     if restorer.centroids is None:                                             # --no-cfe / --no-guidance runs have none
         print("perception: this checkpoint holds no centroids of Z (trained with --no-cfe or --no-guidance, or "
               "by an older version): images are restored, but no degradation type is reported")
@@ -260,11 +279,11 @@ def restore_files(restorer, inputs, output_dir, grid=False, perceiver=None, devi
                 before, after = (perceiver(x)[0, perceiver.excellent_index].item() for x in (degraded, restored))
             entry["p_excellent"] = {"input": before, "output": after}
             line += f" | P(excellent) {before:.3f} -> {after:.3f}"
-        report[path.name] = entry
+        report[path.name] = entry                            # (an image restored before is updated)
         print(line, flush=True)
     output_dir.mkdir(parents=True, exist_ok=True)                                     # also when every file was skipped
     write_atomic(output_dir / "perception.json", json.dumps(report, indent=1) + "\n")
-    print(f"restored {len(report)} image(s) into {output_dir}; skipped {len(skipped)}"
+    print(f"restored {len(paths) - len(skipped)} image(s) into {output_dir}; skipped {len(skipped)}"
           + (f": {', '.join(skipped)}" if skipped else ""))
     return len(skipped)
 
@@ -276,7 +295,8 @@ def get_args(argv=None):
                                      "restored images, or restore your own images.",
                                      usage="python evaluate.py (--checkpoint CKPT | --pred DIR) [options]")
     add = parser.add_argument
-    add("--checkpoint", help="a restore-stage checkpoint (train.py --stage restore: restore/last.pt)")
+    add("--checkpoint", help="a restore-stage checkpoint (train.py --stage restore: restore/last.pt); default: "
+        "the shipped laptop weights, weights/laptop/perceive-ir-laptop.pt")
     add("--pred", help="score this folder of restored images instead (any method; no checkpoint)")
     add("--target", help="with --pred: a folder of targets, scored as one set (else the test sets of --data-root)")
     add("--method", help="the method's name in the tables (default: Perceive-IR, or the --pred folder)")
@@ -299,6 +319,7 @@ def get_args(argv=None):
     add("--crop-multiple", type=int, default=0, help="centre-crop test images to a multiple (PromptIR: 16)")
     add("--results", default="results", help="folder for the tables (md, csv, json)")
     add("--save-images", default=None, help="also write the restored test images here (the --pred layout)")
+    add("--score-inputs", action="store_true", help="score the degraded inputs themselves (the 'Input' row)")
     # --- your own images ---
     add("--input", help="an image or a folder of images (PNG, JPEG, WebP, BMP, TIFF)")
     add("--output", default="restored", help="folder for the restored PNGs and perception.json")
@@ -316,8 +337,24 @@ def get_args(argv=None):
         args.task_names = data.parse_tasks(args.tasks)
     except ValueError as error:
         raise SystemExit(f"evaluate.py: {error}") from None
-    for wrong, message in ((args.pred and args.checkpoint, "--pred scores restored images, --checkpoint restores: "
-                            "pass one of them"), (args.target and not args.pred, "--target goes with --pred"),
+    for flag in ("output", "save_images", "results"):                          # folders, not existing files
+        output_folder(getattr(args, flag), "--" + flag.replace("_", "-"))
+    numbers = ((args.tile or 0) < 0, "--tile must be ≥ 0 (0 = whole images)"), \
+        (not 0 <= args.tile_overlap < (args.tile or 512), "--tile-overlap must be ≥ 0 and below --tile"), \
+        (args.prior_size <= 0, "--prior-size must be > 0"), (args.crop_multiple < 0, "--crop-multiple must be ≥ 0"), \
+        (min(args.sigmas) <= 0, "--sigmas must be > 0")
+    for wrong, message in (*numbers, (args.pred and args.checkpoint, "--pred scores restored images, --checkpoint "
+                            "restores: pass one of them"), (args.target and not args.pred, "--target goes with --pred"),
+                           (args.pred and args.input, "--pred scores restored images, --input restores your own: one"),
+                           (args.score_inputs and (args.checkpoint or args.input or args.pred or not args.data_root),
+                            "--score-inputs scores the inputs of --data-root's test sets: no --checkpoint, --input "
+                            "or --pred"),
+                           (args.input and args.data_root, "--input restores your own images, --data-root the test "
+                            "sets: pass one of them"), (args.pred and not (args.data_root or args.target),
+                            "--pred needs targets: --data-root (its test sets) or --target FOLDER"),
+                           (args.pred and not Path(args.pred or ".").is_dir(), f"--pred {args.pred}: no such folder"),
+                           (not re.fullmatch(r"cpu|cuda(:\d+)?", args.device), f"--device {args.device}: use cpu, "
+                            "cuda or cuda:N"),
                            (args.target and args.sets, "--target scores one pair of folders, --sets several: one"),
                            (args.target and len(args.task_names) != 1, "--target scores one set: name its --tasks"),
                            (args.device.startswith("cuda") and not torch.cuda.is_available(),
@@ -359,9 +396,14 @@ def result_tables(args, method, protocol, lpips, about=None):
 
 
 def test_sets(args, problems=None):
-    """--sets, or the test sets of --tasks; a set without targets needs --nr-metrics."""
+    """--sets, or the test sets of --tasks; a set without targets needs --nr-metrics. Problems (a missing root,
+    a wrong layout, missing or unreadable targets, sizes that differ) end the run in one line."""
     if not args.sets:                                     # the paper's sets of --tasks (data.py's layouts)
-        return data.build_test_sets(args.data_root, args.task_names, args.sigmas, args.crop_multiple or None, problems)
+        try:
+            return data.build_test_sets(args.data_root, args.task_names, args.sigmas, args.crop_multiple or None,
+                                        problems)
+        except ValueError as error:
+            raise SystemExit(f"evaluate.py: --data-root {args.data_root}: {error}") from None
     sets = named_test_sets(args.data_root, args.sets, args.crop_multiple or None, problems)
     for test_set in sets:                                 # no target, no PSNR: say so before restoring anything
         if test_set.pairs and test_set.pairs[0][1] is None and not args.nr_metrics:
@@ -382,19 +424,34 @@ def main(args):
     try:
         if args.pred:
             return 1 if score_predictions(args, run, lpips) else 0
-        if not args.checkpoint:
-            raise SystemExit("evaluate.py: pass --checkpoint (a restore-stage checkpoint) or --pred DIR")
+        if not (args.input or args.data_root):
+            raise SystemExit("evaluate.py: pass --data-root with test sets, or --input with your own images")
+        sets = None if args.input else test_sets(args)           # every problem of the test sets before the model
+        if args.score_inputs:                                 # the "Input" row, what a method must beat: no model
+            tables = result_tables(args, "Input", "the degraded inputs, unrestored", lpips)
+            for test_set in sets:
+                score_into(tables, test_set, restored_pairs(lambda degraded: degraded, test_set, run), run, lpips)
+            write_tables(tables, args, args.task_names, run)
+            return 0
+        if not args.checkpoint:                               # the shipped weights: one line says so
+            if not SHIPPED_WEIGHTS.is_file():
+                raise SystemExit(f"evaluate.py: no --checkpoint given and no shipped weights at {SHIPPED_WEIGHTS}: "
+                                 "pass --checkpoint (a restore-stage checkpoint) or --pred DIR")
+            args.checkpoint = str(SHIPPED_WEIGHTS)
+            run.print0(f"evaluate.py: no --checkpoint: using the shipped laptop weights "
+                       f"{SHIPPED_WEIGHTS.relative_to(Path(__file__).resolve().parent)} (train.py --preset laptop: an "
+                       "hour on 2 CPU cores, README)")
         restorer = Restorer.from_checkpoint(args.checkpoint, run.device, args.dino_weights, overlap=args.tile_overlap,
                                             prior_size=args.prior_size)
         if args.input:                                        # your own images: tiles above 512 px by default
             restorer.tile = 512 if args.tile is None else args.tile or None
-            perceiver = (clip_prompts.QualityPerceiver.from_checkpoint(args.prompts, args.clip_weights, run.device)
-                         if args.prompts else None)
+            try:                                              # a missing or foreign --prompts file: one line
+                perceiver = (clip_prompts.QualityPerceiver.from_checkpoint(args.prompts, args.clip_weights, run.device)
+                             if args.prompts else None)
+            except (OSError, ValueError) as error:
+                raise SystemExit(f"evaluate.py: {error}") from None
             return 1 if restore_files(restorer, args.input, args.output, args.grid, perceiver, run.device) else 0
-        if not args.data_root:
-            raise SystemExit("evaluate.py: pass --data-root with test sets, or --input with your own images")
         restorer.tile = args.tile or None                      # test sets: whole images, the paper's protocol
-        sets = test_sets(args)
         if run.master:                                                                 # the note before the first image
             largest_image_note(sets, restorer.config)
         config = restorer.config                                   # what Table XV compares: backbone, patch, size

@@ -31,7 +31,7 @@ from grl import GRL
 from xrestormer import XRestormer
 
 CODE_DIM = 128                      # Z ∈ R^{1×128} (Sec. III-C.2)
-CFE_WIDTHS = {"paper": (64, 128, 256), "tiny": (16, 32, 64)}   # follow the backbone's named config
+CFE_WIDTHS = {"paper": (64, 128, 256), "laptop": (16, 32, 64), "tiny": (16, 32, 64)}   # by the backbone's config
 DINO_BLOCKS = (0, 3, 7, 11)         # Eq. (5): i = 1, 4, 8, 12, 1-based → 0-based block indices
 BACKBONES = {"restormer": Restormer, "nafnet": NAFNet, "xrestormer": XRestormer, "grl": GRL}   # Table XV
 
@@ -309,7 +309,8 @@ class PerceiveIR(nn.Module):
         if not guided:
             return
         if use_cfe:
-            self.cfe = CFE(CFE_WIDTHS["tiny" if backbone_config == "tiny" else "paper"], code_dim)
+            named = backbone_config if isinstance(backbone_config, str) else "paper"
+            self.cfe = CFE(CFE_WIDTHS.get(named, CFE_WIDTHS["paper"]), code_dim)
         else:                                                 # Table X, "w/o CFE": Z is learnt
             self.learned_code = nn.Parameter(torch.zeros(code_dim))
         if not use_dino:                                      # Table X, "w/o DINO-v2": F_l is learnt

@@ -36,12 +36,20 @@ import data
 import demo
 import losses
 from backbone import count_parameters
-from checkpoints import git_commit, load_checkpoint, restore_progress, write_checkpoint
+from checkpoints import git_commit, load_checkpoint, output_folder, restore_progress, write_checkpoint
 from guidance import (ARCHITECTURE, BACKBONES, build_backbone, build_model, build_sgm, degradation_centroids,
                       restore_image, size_multiple)
 
 CENTROID_IMAGES = 256                             # training images per task behind each centroid of Z
-PRESETS = {"paper": {}, "demo": demo.PRESET}           # the offline demo: demo.py
+# DEVIATION: --preset laptop is an hour on 2 CPU cores, not Sec. IV-A.4's scale (README, "A real restorer"): H, B
+# synthesized; tiny random CLIP, DINOv2, VGG unless weight files are given ('auto'), so L_clip, L_dpl 10× lighter.
+LAPTOP = dict(out="runs/laptop", tasks="N+H+R+B+L", synthesize="H+B", backbone_config="laptop", medium_config="tiny",
+              dino="auto", clip_model="auto", vgg="auto", lambda_clip=0.005, lambda_dpl=0.01, patch_size=96, workers=0,
+              batch_size=8, iters=1200, lr=1e-3, min_lr=1e-5, warmup=100, probe_size=4, stage1_images=48,
+              resample="denoise=1,dehaze=1,derain=12,deblur=1,lowlight=24", medium_lr=1e-3, medium_iters=200,
+              prompt_iters=400, prompt_batch_size=16, prompt_lr=5e-3, log_every=50, save_every=100, snapshot_every=0)
+PRESETS = {"paper": {}, "demo": demo.PRESET, "laptop": LAPTOP}     # the offline demo: demo.py
+AUTO = {"dino": ("dino_weights", "base"), "clip_model": ("clip_weights", "ViT-B-32"), "vgg": ("vgg_weights", "vgg16")}
 
 
 class StopTraining(Exception):
@@ -56,7 +64,8 @@ def get_args(argv=None):
     add = parser.add_argument
     # --- what to run ---
     add("--stage", choices=["all", "medium", "prompt", "restore"], default="all", help="Sec. III-B, III-C")
-    add("--preset", choices=sorted(PRESETS), default="paper", help="'paper': Sec. IV-A.4; 'demo': offline, tiny")
+    add("--preset", choices=sorted(PRESETS), default="paper",
+        help="'paper': Sec. IV-A.4; 'demo': offline, tiny; 'laptop': real data, an hour on 2 CPU cores")
     add("--out", default="runs/perceive-ir", help="output folder; each stage writes a subfolder")
     add("--resume", default=None, help="'auto' (each stage's last.pt) or a checkpoint of the stage to run")
     add("--seed", type=int, default=0, help="initial weights, data order, augmentation")
@@ -67,14 +76,20 @@ def get_args(argv=None):
     add("--sigmas", type=float, nargs="+", default=[15, 25, 50], help="training noise σ (Sec. IV-A.1)")
     add("--resample", default=None, help="task=ratio,... (Sec. IV-A.4: denoise=3,derain=120,deblur=5,lowlight=200)")
     add("--workers", type=int, default=4, help="data-loader workers per process")
+    add("--synthesize", default="", help="tasks without training pairs (H, B) made from the clean denoising "
+        "images: haze by atmospheric scattering, blur by camera shake (not the paper's; README)")
     # --- stage 1a: medium-quality images I_m (Sec. III-B) ---
     add("--medium-dir", default=None, help="medium-quality images I_m (default OUT/medium/images)")
     add("--medium-backbone", choices=sorted(BACKBONES), default="restormer", help="stage-1a restorer "
         "(Sec. III-B: Restormer); 'nafnet' into another --medium-dir makes more proxy negatives (README)")
+    add("--medium-config", default=None, help="stage-1a restorer's config (default: --backbone-config's)")
     add("--medium-iters", type=int, default=100_000, help="steps per fold (Sec. IV-A.4: 100K)")
+    add("--stage1-images", type=int, default=0, help="stage 1 on at most N images per task, evenly spread; "
+        "0 = all (the paper)")
     add("--medium-lr", type=float, default=2e-4, help="Sec. IV-A.4: 2e-4")
     # --- stage 1b: prompts (Sec. III-B, Eq. 1, Table XII) ---
-    add("--clip-model", choices=sorted(clip_prompts.CLIP_CONFIGS), default="ViT-B-32", help="Sec. IV-A.4: ViT-B/32")
+    add("--clip-model", choices=sorted(clip_prompts.CLIP_CONFIGS) + ["auto"], default="ViT-B-32",
+        help="Sec. IV-A.4: ViT-B/32; 'auto': it if --clip-weights is given, else 'tiny'")
     add("--clip-weights", default=None, help="local CLIP state-dict file (else OpenAI's weights)")
     add("--prompt-words", nargs="+", default=["excellent", "mediocre", "terrible"], help="best first (Table XII (i))")
     add("--prompt-tokens", type=int, default=16, help="N embedded tokens per prompt (Sec. IV-A.4: 16)")
@@ -88,7 +103,8 @@ def get_args(argv=None):
     # --- stage 2: the network (Sec. III-C, Tables X, XV) ---
     add("--backbone", choices=sorted(BACKBONES), default="restormer", help="Sec. IV-A.4; Table XV")
     add("--backbone-config", default="paper", help="'paper' (Sec. IV-A.4) or 'tiny'; stage 1a uses it too")
-    add("--dino", choices=["base", "tiny"], default="base", help="Sec. IV-A.4: DINOv2 base")
+    add("--dino", choices=["base", "tiny", "auto"], default="base",
+        help="Sec. IV-A.4: DINOv2 base; 'auto': base if --dino-weights is given, else 'tiny'")
     add("--dino-weights", default=None, help="local DINOv2 weight file (else timm's hub weights)")
     add("--no-guidance", action="store_true", help="plain backbone (Table X (a), (b))")
     add("--no-dino", action="store_true", help="learnable F_l (Table X 'w/o DINO-v2')")
@@ -102,7 +118,8 @@ def get_args(argv=None):
     add("--tau", type=float, default=0.1, help="L_cl temperature τ (Sec. III-E: 0.1)")
     add("--dpl-lambda", type=float, default=2.0, help="easy-negative weight λ (Sec. III-D.2: 2)")
     add("--dpl-gamma", type=float, default=0.25, help="γ of Eq. (10) (Sec. III-D.2: 0.25)")
-    add("--vgg", choices=["vgg16", "tiny"], default="vgg16", help="L_dpl features (Sec. III-D.2: VGG-16)")
+    add("--vgg", choices=["vgg16", "tiny", "auto"], default="vgg16",
+        help="L_dpl features (Sec. III-D.2: VGG-16); 'auto': it if --vgg-weights is given, else 'tiny'")
     add("--vgg-weights", default=None, help="local VGG-16 state-dict file (else torchvision's)")
     add("--medium-negative", action=argparse.BooleanOptionalAction, default=True, help="I_m as an N_q (not given)")
     add("--negatives", nargs="*", default=[], help="folders of proxy restorations, more N_q (Eq. 11)")
@@ -135,23 +152,33 @@ def get_args(argv=None):
 
 def check_args(args):
     """Values argparse cannot check end the run at once, in one line: SystemExit prints its message alone."""
+    for name, (weights, paper) in AUTO.items():          # 'auto': the paper's network when its weights are given
+        if getattr(args, name) == "auto":
+            setattr(args, name, paper if getattr(args, weights) else "tiny")
+    args.medium_config = args.medium_config or args.backbone_config
     try:
-        data.parse_tasks(args.tasks), data.parse_resample(args.resample)
-        multiple = max(size_multiple(b, args.backbone_config) for b in (args.backbone, args.medium_backbone))
+        data.parse_tasks(args.tasks), data.parse_resample(args.resample), data.parse_tasks(args.synthesize or "N")
+        multiple = max(size_multiple(args.backbone, args.backbone_config),
+                       size_multiple(args.medium_backbone, args.medium_config))
     except ValueError as error:
         raise SystemExit(f"train.py: {error}") from None
     positive = ("batch_size", "prompt_batch_size", "iters", "medium_iters", "prompt_iters", "probe_size",
                 "prompt_crops", "log_every", "save_every", "lr", "medium_lr", "prompt_lr", "tau")
     problems = [f"--{n.replace('_', '-')} {getattr(args, n)}: must be {'> 0' if n in positive else '≥ 0'}"
-                for n in positive + ("workers", "keep", "snapshot_every", "epoch_iters", "stop_after", "warmup",
-                                     "grad_clip", "lambda_cl", "lambda_clip", "lambda_dpl", "dpl_lambda")
+                for n in positive + ("workers", "stage1_images", "weight_decay", "keep", "snapshot_every", "warmup",
+                                     "epoch_iters", "stop_after", "grad_clip", "lambda_cl", "lambda_clip", "lambda_dpl",
+                                     "dpl_lambda")
                 if getattr(args, n) < 0 or (n in positive and getattr(args, n) == 0)]
     if args.patch_size < multiple or args.patch_size % multiple:      # Restormer: 8, NAFNet: 16
         problems.append(f"--patch-size {args.patch_size}: the networks downsample by {multiple}; use a multiple")
     if not 0 <= args.dpl_gamma < 1:                       # 1 − γ must stay a positive weight
         problems.append(f"--dpl-gamma {args.dpl_gamma}: Eq. (10) needs 0 ≤ γ < 1 (paper: 0.25)")
+    problems += [f"--sigmas {args.sigmas}: must be > 0"] * (min(args.sigmas) <= 0) + [
+        f"--betas {args.betas}: AdamW needs 0 ≤ β < 1"] * (not all(0 <= b < 1 for b in args.betas)) + [
+        "--resume continues a run, --init starts a fine-tune from weights: pass one"] * bool(args.resume and args.init)
     if problems:
         raise SystemExit(f"train.py: {problems[0]}")
+    output_folder(args.out, "--out")
     args.medium_dir = args.medium_dir or str(Path(args.out) / "medium" / "images")     # where stages chain:
     args.prompts = args.prompts or str(Path(args.out) / "prompt" / "prompts.pt")      # I_m, then the prompts
     return args
@@ -369,7 +396,7 @@ def run_medium(args, run, samples, resume):
     for cv, other in zip(rounds, rounds[::-1]):           # model a restores fold b, model b fold a
         dataset = data.TrainDataset(cv["train"], args.patch_size, resample=data.parse_resample(args.resample),
                                     sigmas=args.sigmas, seed=args.seed)     # fold checkpoints beside the images:
-        model, _ = fit(args, run, f"medium-{cv['model']}", build_backbone(args.medium_backbone, args.backbone_config),
+        model, _ = fit(args, run, f"medium-{cv['model']}", build_backbone(args.medium_backbone, args.medium_config),
                        l1_step, dataset, args.medium_iters, args.medium_lr, args.batch_size,   # one set of folds
                        images_dir.parent / f"fold_{cv['model']}", resume)                   # per --medium-dir
         clip_prompts.render_medium_images(model.eval(), cv["restore"][run.rank::run.world], images_dir,
@@ -377,7 +404,7 @@ def run_medium(args, run, samples, resume):
         entries += [dict(task=s.task, key=s.key, fold=other["model"], restored_by=cv["model"]) for s in cv["restore"]]
         run.barrier()
     if run.master:                                        # the manifest says which model restored what
-        restorer = dict(restorer=args.medium_backbone, config=args.backbone_config, iters=args.medium_iters)
+        restorer = dict(restorer=args.medium_backbone, config=args.medium_config, iters=args.medium_iters)
         clip_prompts.write_medium_manifest(images_dir, entries, {**restorer, "git_commit": git_commit()})
     run.barrier()
     run.print0(f"medium: {len(entries)} medium-quality images I_m in {images_dir}")
@@ -488,8 +515,7 @@ def run_restore(args, run, samples, frozen, resume):
     probe = dataset.probe(args.probe_size, args.seed) if criterion.use_dpl else None   # Eq. (10): L_dpl only
     # At the end: per-task centroids of Z on whole training images (at most CENTROID_IMAGES per task,
     # evenly spread), stored in the checkpoint for evaluate.py's report of what the model perceives.
-    chosen = [s for task in data.TASKS for of_task in [[s for s in samples if s.task == task]]
-              for s in of_task[::max(1, math.ceil(len(of_task) / CENTROID_IMAGES))]]
+    chosen = data.spread(samples, CENTROID_IMAGES)
     centroids = (lambda net: {"centroids": degradation_centroids(net, ((s.task, data.load_pair(s, args.sigmas)[0])
                                                                        for s in chosen))})
     return fit(args, run, "restore", model, step_fn, dataset, args.iters, args.lr, args.batch_size,
@@ -542,16 +568,18 @@ def main(args):
                              "ROOT`), or run the offline demo with --preset demo")
         try:                                      # expected failures (weights, data): one line, no traceback
             frozen = build_frozen(args, run, stages)
-            samples, report = data.scan_training_set(args.data_root, data.parse_tasks(args.tasks))
+            samples, report = data.scan_training_set(args.data_root, data.parse_tasks(args.tasks),
+                                                     synthesize=args.synthesize and data.parse_tasks(args.synthesize))
         except (OSError, RuntimeError, ValueError) as error:
             raise SystemExit(f"train.py: {error}") from None
         for task, found in report["found"].items():
             run.print0(f"data: {task}: {found['pairs']} images ({found['layout']} layout, {found['folder']})")
         started = time.time()                                                           # the stages themselves, timed
+        stage1 = data.spread(samples, args.stage1_images)            # I_m and the prompts: all, or a laptop's share
         if "medium" in stages:
-            run_medium(args, run, samples, resume)
+            run_medium(args, run, stage1, resume)
         if "prompt" in stages:
-            run_prompt(args, run, samples, frozen["clip"], resume)
+            run_prompt(args, run, stage1, frozen["clip"], resume)
         if "restore" in stages:
             if args.lambda_clip > 0 and frozen["perceiver"] is None:   # prompts just learnt: a perceiver (Eq. 9)
                 frozen["perceiver"] = clip_prompts.QualityPerceiver.from_checkpoint(args.prompts, args.clip_weights,

@@ -13,6 +13,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.io import write_png
 
 import clip_prompts as cp
 
@@ -349,3 +350,19 @@ def test_score_command_prints_one_line_per_image(clip_model, tmp_path, monkeypat
     fields = [field.split("=") for field in lines[0].split("\t")[1].split()]
     assert [name for name, _ in fields] == ["excellent", "mediocre", "terrible"]
     assert abs(sum(float(value) for _, value in fields) - 1) < 1e-3
+
+
+def test_score_names_an_unreadable_image_scores_the_others_and_exits_non_zero(tmp_path, capsys):
+    clip_model = cp.load_clip("tiny")
+    cp.save_prompts(tmp_path / "prompts.pt", cp.PromptLearner(clip_model), clip_model.clip_info,
+                              {}, 1)
+    write_png((torch.rand(3, 20, 24) * 255).to(torch.uint8), str(tmp_path / "good.png"))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match="scored 1 image\\(s\\); skipped 1"):
+        cp.main(["score", "--prompts", str(tmp_path / "prompts.pt"), str(tmp_path / "bad.png"),
+                           str(tmp_path / "good.png")])
+    out = capsys.readouterr().out
+    assert "SKIPPED" in out and "bad.png: cannot read image" in out and "good.png\texcellent=" in out
+    with pytest.raises(SystemExit, match="is not a readable checkpoint") as refused:    # a wrong --prompts file
+        cp.main(["score", "--prompts", str(tmp_path / "good.png"), str(tmp_path / "good.png")])
+    assert "\n" not in str(refused.value)

@@ -14,6 +14,7 @@ import data
 import demo
 from data import (RESAMPLE, TASKS, Sample, TrainDataset, TripletDataset, build_test_sets, load_pair, parse_tasks,
                   read_image, scan_training_set, write_image)
+from degradations import motion_kernel
 from demo import make_demo_data
 
 
@@ -450,9 +451,9 @@ def test_gaussian_noise_of_sigma_25_on_mid_grey_gives_20_17_db():
 
 
 def test_motion_kernels_are_normalised_and_a_zero_turn_kernel_is_a_straight_line():
-    kernel = demo.motion_kernel(np.random.default_rng(0), 13, 0.3, 0.35)
+    kernel = motion_kernel(np.random.default_rng(0), 13, 0.3, 0.35)
     assert kernel.shape == (13, 13) and abs(kernel.sum() - 1) < 1e-6
-    vertical = demo.motion_kernel(np.random.default_rng(0), 9, math.pi / 2, 0.0)
+    vertical = motion_kernel(np.random.default_rng(0), 9, math.pi / 2, 0.0)
     assert (vertical[:, 4] > 0).all() and vertical[:, :4].sum() == vertical[:, 5:].sum() == 0
 
 
@@ -475,10 +476,11 @@ def test_demo_data_has_all_five_tasks_in_the_generic_layout_and_is_deterministic
 
 def test_shared_test_sets_are_found_and_their_input_psnr_matches_the_readme(shared_dir):
     root = shared_dir / "data"
-    test_sets = {(s.name, s.sigma): s for s in build_test_sets(root, ("denoise", "dehaze", "derain", "deblur"))}
+    test_sets = {(s.name, s.sigma): s for s in build_test_sets(root, TASKS)}
     assert {k: len(s) for k, s in test_sets.items()} == {
         ("CBSD68", 15): 68, ("CBSD68", 25): 68, ("CBSD68", 50): 68, ("SOTS-indoor-mini", None): 2,
-        ("SOTS-outdoor-mini", None): 2, ("Rain100L", None): 100, ("GoPro-derived", None): 10}
+        ("SOTS-outdoor-RESIDE6K", None): 10, ("SOTS-outdoor-mini", None): 2, ("Rain100L", None): 100,
+        ("GoPro-derived", None): 10, ("LOL-eval15", None): 15}
     # README: clipped, unquantised noise gives 24.84 / 20.53 / 15.00 dB; 8-bit rounding adds 1/12 LSB²
     # of error variance (≤ 0.002 dB) and another noise draw moves the 68-image mean by ~0.001 dB.
     for sigma, expected in ((15, 24.84), (25, 20.53), (50, 15.00)):
@@ -486,13 +488,34 @@ def test_shared_test_sets_are_found_and_their_input_psnr_matches_the_readme(shar
         assert abs(np.mean(values) - expected) < 0.03, (sigma, np.mean(values))
     rain = [psnr(item["degraded"], item["target"]) for item in test_sets[("Rain100L", None)]]
     assert abs(np.mean(rain) - 25.52) < 0.01                          # README: RGB mean 25.52 dB
+    for name, expected in (("LOL-eval15", 7.77), ("SOTS-outdoor-RESIDE6K", 16.22)):    # README: RGB means
+        values = [psnr(item["degraded"], item["target"]) for item in test_sets[(name, None)]]
+        assert abs(np.mean(values) - expected) < 0.01, (name, np.mean(values))
 
 
 def test_shared_training_sets_scan_and_grayscale_bsd400_becomes_rgb(shared_dir):
-    samples, report = scan_training_set(shared_dir / "data", ("denoise", "derain"))
-    assert {t: f["pairs"] for t, f in report["found"].items()} == {"denoise": 400, "derain": 9}
+    samples, report = scan_training_set(shared_dir / "data", ("denoise", "derain", "lowlight"))
+    # BSD400 (grey) + CBSD432 (colour JPEG); 70 RainTrainL pairs; 36 LOL pairs (README of the shared data)
+    assert {t: f["pairs"] for t, f in report["found"].items()} == {"denoise": 832, "derain": 70, "lowlight": 36}
     bsd = next(s for s in samples if s.key == "BSD400/test_001.png")
     clean = read_image(bsd.target_path)
     assert clean.shape == (3, 180, 180) and torch.equal(clean[0], clean[2])
     item = TrainDataset(samples)[0]
     assert item["degraded"].shape == (3, 128, 128) and item["sigma"].item() in (15, 25, 50)
+
+
+def test_check_of_a_missing_root_or_unknown_task_ends_in_one_line(tmp_path):
+    for argv, message in ((["--check", str(tmp_path / "nowhere")], "does not exist"),
+                          (["--check", str(tmp_path), "--tasks", "N+X"], "expected letters N, H, R, B, L")):
+        with pytest.raises(SystemExit, match=message) as refused:
+            data.main(argv)
+        assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("spec, message", [("derian=3", "unknown task 'derian'"),
+                                           ("derain=2.5", "not a whole number of repeats"),
+                                           ("lowlight=0", "not a whole number of repeats")])
+def test_resample_refuses_typos_fractions_and_zeros_that_would_change_the_data_silently(spec, message):
+    with pytest.raises(ValueError, match=message):
+        data.parse_resample(spec)
+    assert data.parse_resample("denoise=3,derain=120") == {"denoise": 3, "derain": 120}

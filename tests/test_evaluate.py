@@ -625,3 +625,112 @@ def test_table_xv_compares_backbones_from_the_json_of_each_evaluation(tmp_path, 
     other.add("Rain100L", "derain", None, {"psnr": [30.0], "ssim": [0.9]})
     with pytest.raises(SystemExit, match="mix metric conventions"):
         main(get_args(["--table-xv", str(files[0]), str(other.write(tmp_path / "y", "N+H+R")[2])]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: nothing lost, one clear line, one bad image never stops the rest
+# ---------------------------------------------------------------------------------------------
+
+def photos(folder, *names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.fromarray((np.random.default_rng(i).random((24, 28, 3)) * 255).astype(np.uint8)).save(folder / name)
+    return {name: (folder / name).read_bytes() for name in names}
+
+
+@pytest.mark.parametrize("output", [".", "sub"])
+def test_restoring_into_the_input_folder_or_below_it_is_refused_and_the_originals_stay(tiny_checkpoint, tmp_path,
+                                                                                        output):
+    originals = photos(tmp_path / "mine", "a.png", "b.png")
+    with pytest.raises(SystemExit, match="the originals would be overwritten") as refused:
+        main(get_args(["--checkpoint", str(tiny_checkpoint), "--input", str(tmp_path / "mine"), "--output",
+                       str(tmp_path / "mine" / output)]))
+    assert "\n" not in str(refused.value)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "mine").iterdir()} == originals
+
+
+def test_a_second_run_into_the_same_output_keeps_the_first_runs_perception_entries(tiny_checkpoint, tmp_path):
+    photos(tmp_path / "first", "a.png")
+    photos(tmp_path / "second", "b.png")
+    for folder in ("first", "second"):
+        assert main(get_args(["--checkpoint", str(tiny_checkpoint), "--input", str(tmp_path / folder), "--output",
+                              str(tmp_path / "out")])) == 0
+    report = json.loads((tmp_path / "out" / "perception.json").read_text())
+    assert sorted(report) == ["a.png", "b.png"] and report["a.png"]["output"] == "a.png"
+    (tmp_path / "out" / "perception.json").write_text("{broken")              # unreadable: refused, not replaced
+    with pytest.raises(SystemExit, match="perception.json cannot be read"):
+        main(get_args(["--checkpoint", str(tiny_checkpoint), "--input", str(tmp_path / "first"), "--output",
+                       str(tmp_path / "out")]))
+    assert (tmp_path / "out" / "perception.json").read_text() == "{broken"
+
+
+def test_a_decompression_bomb_is_named_and_skipped_and_the_others_are_restored(tiny_checkpoint, tmp_path, capsys,
+                                                                              monkeypatch):
+    photos(tmp_path / "mine", "small.png")
+    Image.fromarray(np.zeros((60, 60, 3), np.uint8)).save(tmp_path / "mine" / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)     # PIL refuses images over twice this: 60² is a "bomb"
+    status = main(get_args(["--checkpoint", str(tiny_checkpoint), "--input", str(tmp_path / "mine"), "--output",
+                            str(tmp_path / "out")]))
+    out = capsys.readouterr().out
+    assert status == 1 and "SKIPPED bomb.png: cannot read image" in out and "restored 1 image(s)" in out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["perception.json", "small.png"]
+
+
+def test_a_corrupt_prediction_is_named_and_the_other_predictions_are_still_scored(tmp_path, capsys):
+    photos(tmp_path / "data/test/derain/R/input", "1.png", "2.png")
+    photos(tmp_path / "data/test/derain/R/target", "1.png", "2.png")
+    pred = tmp_path / "pred" / "derain_R"                                   # the layout --save-images writes
+    photos(pred, "1.png")
+    (pred / "2.png").write_bytes(b"truncated")
+    status = main(get_args(["--pred", str(tmp_path / "pred"), "--data-root", str(tmp_path / "data"), "--tasks", "R",
+                            "--results", str(tmp_path / "results")]))
+    out = capsys.readouterr().out
+    assert status == 1 and re.search(r"PROBLEM: cannot read image .*2\.png", out)
+    table = json.loads((tmp_path / "results" / "results_all_rgb.json").read_text())
+    assert [row["names"] for row in table["sets"]] == [["1.png"]]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--pred", "p"], "--pred needs targets: --data-root (its test sets) or --target FOLDER"),
+    (["--pred", "no_such_folder", "--data-root", "."], "--pred no_such_folder: no such folder"),
+    (["--pred", ".", "--data-root", ".", "--input", "x.png"], "--pred scores restored images, --input restores"),
+    (["--input", "x.png", "--data-root", "."], "--input restores your own images, --data-root the test sets"),
+    (["--device", "foo"], "--device foo: use cpu, cuda or cuda:N"),
+    (["--tile", "-8"], "--tile must be ≥ 0"),
+    (["--tile", "64", "--tile-overlap", "64"], "--tile-overlap must be ≥ 0 and below --tile"),
+    (["--tile-overlap", "-1"], "--tile-overlap must be ≥ 0"),
+    (["--prior-size", "0"], "--prior-size must be > 0"),
+    (["--crop-multiple", "-16"], "--crop-multiple must be ≥ 0"),
+    (["--sigmas", "25", "0"], "--sigmas must be > 0"),
+])
+def test_bad_flags_end_in_one_line_before_any_model_is_built(flags, message):
+    with pytest.raises(SystemExit, match=re.escape(message)) as refused:
+        get_args(flags)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("flag", ["--output", "--save-images", "--results"])
+def test_an_output_folder_that_is_a_file_is_refused_and_the_file_stays(tmp_path, flag):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=f"{flag} .*notes.txt: this is a file, not a folder"):
+        get_args(["--input", "x.png", flag, str(tmp_path / "notes.txt")])
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_every_test_set_problem_ends_in_one_line_naming_the_data_root(tiny_checkpoint, tmp_path):
+    photos(tmp_path / "data/test/derain/R/input", "1.png")
+    (tmp_path / "data/test/derain/R/target").mkdir()
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "data/test/derain/R/target/1.png")
+    for root, message in ((tmp_path / "missing", "no test folder for 'derain'"), (tmp_path / "data", "size mismatch")):
+        with pytest.raises(SystemExit, match=re.escape(message)) as refused:
+            main(get_args(["--checkpoint", str(tiny_checkpoint), "--data-root", str(root), "--tasks", "R",
+                           "--results", str(tmp_path / "results")]))
+        assert str(refused.value).startswith(f"evaluate.py: --data-root {root}")
+
+
+def test_a_foreign_prompts_file_ends_in_one_line(tiny_checkpoint, tmp_path):
+    photos(tmp_path / "mine", "a.png")
+    with pytest.raises(SystemExit, match="is not a Perceive-IR prompt checkpoint") as refused:
+        main(get_args(["--checkpoint", str(tiny_checkpoint), "--input", str(tmp_path / "mine"), "--output",
+                       str(tmp_path / "out"), "--prompts", str(tiny_checkpoint)]))
+    assert "\n" not in str(refused.value)

@@ -439,3 +439,50 @@ def test_the_readme_demo_command_gains_on_held_out_images_and_prints_no_alarming
     assert rows["deblur"] > -0.5, rows
     perceived = [tuple(map(int, hit)) for hit in re.findall(r"(\d)/(\d) right", output)]
     assert sum(right for right, _ in perceived) >= 0.6 * sum(total for _, total in perceived), output[-1500:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: nothing lost, one clear line
+# ---------------------------------------------------------------------------------------------
+
+def test_resume_from_another_checkpoint_never_overwrites_the_run_already_in_out(stage1, tmp_path):
+    run_main(*restore_args(stage1, tmp_path / "mine", "--iters", 1))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "mine/restore").iterdir()}
+    other = stage1["out"] / "restore" / "last.pt"                                   # someone else's run
+    with pytest.raises(SystemExit, match="exists: continue it with --resume auto") as refused:
+        run_main(*restore_args(stage1, tmp_path / "mine", "--iters", 3, "--resume", other))
+    assert "\n" not in str(refused.value) and "would overwrite" in str(refused.value)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "mine/restore").iterdir()} == before   # last.pt, args, log
+    # The run's own checkpoint, named by path, still resumes it.
+    run_main(*restore_args(stage1, tmp_path / "mine", "--iters", 2, "--resume", tmp_path / "mine/restore/last.pt"))
+    assert torch.load(tmp_path / "mine/restore/last.pt", weights_only=True)["step"] == 2
+
+
+def test_resuming_into_another_network_says_so_in_one_line(stage1, tmp_path):
+    run_main(*restore_args(stage1, tmp_path, "--iters", 1))
+    with pytest.raises(SystemExit, match="another network than these settings build") as refused:
+        run_main(*restore_args(stage1, tmp_path, "--iters", 2, "--resume", "auto", "--no-pgm"))
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--resample", "derian=3"], "unknown task 'derian'"),
+    (["--resample", "derain=1.5"], "derain=1.5 is not a whole number of repeats"),
+    (["--resample", "derain=0"], "derain=0 is not a whole number of repeats"),
+    (["--resume", "auto", "--init", "x.pt"], "--resume continues a run, --init starts a fine-tune"),
+    (["--sigmas", "25", "-5"], "--sigmas"),
+    (["--betas", "0.9", "1.2"], "AdamW needs 0 ≤ β < 1"),
+    (["--weight-decay", "-1"], "--weight-decay -1.0: must be ≥ 0"),
+    (["--synthesize", "H+Q"], "expected letters N, H, R, B, L"),
+])
+def test_flags_that_would_change_the_run_silently_are_refused_in_one_line(flags, message):
+    with pytest.raises(SystemExit, match=re.escape(message)) as refused:
+        train.get_args(["--data-root", "x", *flags])
+    assert "\n" not in str(refused.value)
+
+
+def test_an_out_that_is_a_file_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="--out .*notes.txt: this is a file, not a folder"):
+        train.get_args(["--data-root", "x", "--out", str(tmp_path / "notes.txt")])
+    assert (tmp_path / "notes.txt").read_text() == "mine"
