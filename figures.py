@@ -79,7 +79,7 @@ def panel(image, box, zoom_width):
     """(3, H, W) image → an (h, W, 3) array: the image with the box drawn, above its crop enlarged to the same width."""
     top, left, height, width = box
     full = image.permute(1, 2, 0).numpy().copy()
-    colour, thickness = np.array([1.0, 0.1, 0.1]), max(1, min(full.shape[:2]) // 150)
+    colour, thickness = np.array([1.0, 0.1, 0.1]), max(1, min(full.shape[:2]) // 80)   # survives the downscale
     for rows, columns in ((slice(top, top + thickness), slice(left, left + width)),
                           (slice(top + height - thickness, top + height), slice(left, left + width)),
                           (slice(top, top + height), slice(left, left + thickness)),
@@ -139,13 +139,13 @@ def compare(args):
     box = args.box and (args.box[1], args.box[0], args.box[3], args.box[2])        # X Y W H → top, left, h, w
     rows = comparison_panels(test_set, args.images, methods, box, args.box_size)
     columns = len(rows[0][2])
-    height, width = rows[0][2][0][1].shape[:2]
-    figure, axes = plt.subplots(len(rows), columns, squeeze=False,                  # panels keep their aspect
-                                figsize=(2.2 * columns, 2.2 * height / width * len(rows) + 0.5))
+    aspects = [row[2][0][1].shape[0] / row[2][0][1].shape[1] for row in rows]          # each row keeps its own
+    figure, axes = plt.subplots(len(rows), columns, squeeze=False, gridspec_kw=dict(height_ratios=aspects),
+                                figsize=(2.2 * columns, 2.2 * sum(aspects) + 0.3 * len(rows) + 0.5))
     for r, (name, _, row) in enumerate(rows):
         for c, (label, image, caption) in enumerate(row):
             axis = axes[r, c]
-            axis.imshow(image.clip(0, 1), interpolation="nearest")
+            axis.imshow(image.clip(0, 1), interpolation="antialiased")
             axis.set_xticks([]), axis.set_yticks([])
             axis.set_xlabel(caption, fontsize=7)
             if r == 0:
@@ -280,7 +280,7 @@ def perceived(rows, centroids=None):
         for task in dict.fromkeys(r["task"] for r in rows):
             chosen = [r for r in rows if r["task"] == task]
             axis.scatter([r["input_psnr"] for r in chosen], [r["p_excellent"] for r in chosen], s=12, label=task,
-                         c=plt.get_cmap(TASK_COLOURS.get(task, "viridis"))(0.7))
+                         color=plt.get_cmap(TASK_COLOURS.get(task, "viridis"))(0.7))
         axis.set_xlabel("input PSNR (dB, rgb)")
         axis.set_ylabel("P(excellent) of the input (Eq. 9)")
         axis.legend(fontsize=7)
@@ -353,7 +353,7 @@ def main(argv=None):
     p.add_argument("--data-root", required=True)
     p.add_argument("--tasks", default="N+H+R+B+L")
     p.add_argument("--sigmas", type=float, nargs="+", default=[15, 25, 50])
-    p.add_argument("--per-set", type=int, default=20, help="test images per set and σ (evenly spread)")
+    p.add_argument("--per-set", type=int, default=20, help="test images per set and σ, evenly spread (0: all)")
     p.add_argument("--prompts", help="stage-1 prompts: also plot P(excellent) against input PSNR")
     p = commands.add_parser("curves", help="losses, avgPSNR, very-hard share and LR against steps")
     p.add_argument("log", help="a stage's log.jsonl")
@@ -382,9 +382,24 @@ def perceived_command(args):
         raise SystemExit("figures.py: this checkpoint has no CFE (--no-cfe, --no-guidance): there is no Z to plot")
     sets = data.build_test_sets(args.data_root, data.parse_tasks(args.tasks), args.sigmas, problems=[])
     for test_set in sets:                                  # evenly spread, so a figure takes seconds, not minutes
-        test_set.pairs = test_set.pairs[::max(1, -(-len(test_set.pairs) // args.per_set))]
+        test_set.pairs = test_set.pairs[::max(1, -(-len(test_set.pairs) // (args.per_set or len(test_set.pairs))))]
     perceiver = clip_prompts.QualityPerceiver.from_checkpoint(args.prompts) if args.prompts else None
-    return perceived(perceived_codes(restorer, sets, perceiver), restorer.centroids)[0]
+    rows = perceived_codes(restorer, sets, perceiver)
+    print(perception_report(rows, restorer.centroids))
+    return perceived(rows, restorer.centroids)[0]
+
+
+def perception_report(rows, centroids):
+    """Per task of the test images: how many were perceived as it (the nearest training centroid of Z, as
+    guidance.perceive decides), and what the others were taken for."""
+    nearest = [centroids["tasks"][int((row["code"] @ centroids["centroids"].T).argmax())] for row in rows]
+    lines = ["type perceived (nearest centroid of Z) per task of the test images:"]
+    for task in dict.fromkeys(row["task"] for row in rows):
+        taken = [n for row, n in zip(rows, nearest) if row["task"] == task]
+        others = {t: taken.count(t) for t in dict.fromkeys(taken) if t != task}
+        lines.append(f"  {task:9s} {taken.count(task):3d}/{len(taken):<3d} right" +
+                     (f"; taken for {', '.join(f'{t} {n}' for t, n in others.items())}" if others else ""))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

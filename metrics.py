@@ -239,7 +239,9 @@ def check_image(image, minimum_size=UIQM_BLOCK):
         raise ValueError(f"images must be at least {minimum_size}×{minimum_size}, got {tuple(image.shape[-2:])}")
     # UNSPECIFIED: neither paper says whether the float output or the saved 8-bit image is scored; every public
     # implementation reads the saved PNG, so we round to 8 bits as the file would (rgb_to_y does the same).
-    image = torch.round(image.detach().cpu().double() * 255)                           # 0-255, float64
+    # 0-255 in float64, rounded from float32 exactly as data.write_image saves it (a float64 product rounds a
+    # few pixels on the other side of .5, and the saved image's scores would differ from the restored one's)
+    image = torch.round(image.detach().cpu().float() * 255).double()
     return image[None] if image.dim() == 3 else image
 
 

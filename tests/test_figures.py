@@ -122,11 +122,15 @@ def test_the_pca_points_are_the_codes_z_that_evaluate_perceives_with(tmp_path):
     restorer = Restorer.from_checkpoint(tmp_path / "ckpt.pt")
     test_sets = data.build_test_sets(tmp_path / "data", ("derain", "lowlight"))
     rows = figures.perceived_codes(restorer, test_sets)
+    right = {"derain": 0, "lowlight": 0}
     for row, (test_set, index) in zip(rows, [(s, i) for s in test_sets for i in range(len(s))]):
         degraded = test_set[index]["degraded"][None]
         perceived = guidance.perceive(restorer.model, restorer.centroids, degraded)[0]          # evaluate.py's view
         similarity = row["code"] @ restorer.centroids["centroids"].T
         assert similarity.tolist() == pytest.approx(list(perceived["similarity"].values()), abs=1e-5)
+        right[row["task"]] += perceived["task"] == row["task"]
+    report = figures.perception_report(rows, restorer.centroids)
+    assert f"derain    {right['derain']:3d}/3" in report and f"lowlight  {right['lowlight']:3d}/3" in report
     figure, points = figures.perceived(rows, restorer.centroids)
     codes = torch.stack([r["code"] for r in rows]).double().numpy()
     centred = codes - codes.mean(0)

@@ -1,0 +1,65 @@
+"""The laptop preset and the weights it made: `python train.py --preset laptop --data-root DATA` trains every stage on
+the real shared images (haze and blur synthesized), and the shipped checkpoint restores a real test image on a fresh
+machine with no --checkpoint."""
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import evaluate
+import train
+from metrics import compute_metrics_per_image
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+
+
+def test_the_shipped_weights_are_small_weights_only_and_match_the_readmes_sha256():
+    path = evaluate.SHIPPED_WEIGHTS
+    assert path.is_file() and path.stat().st_size <= 20 * 2 ** 20
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)          # plain tensors and numbers
+    assert checkpoint["stage"] == "restore" and "optimizer" not in checkpoint and "rng" not in checkpoint
+    assert checkpoint["args"]["preset"] == "laptop" and checkpoint["step"] == checkpoint["args"]["iters"]
+    assert checkpoint["centroids"]["tasks"] == list(data.TASKS)                    # what evaluate.py perceives with
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert f"sha256 {digest}" in README, "the README must give the shipped file's sha256"
+
+
+def test_with_no_checkpoint_evaluate_restores_a_real_low_light_image_with_the_shipped_weights(shared_dir, tmp_path,
+                                                                                             capsys):
+    dark = shared_dir / "data/test/lowlight/LOL-eval15/input/22.png"
+    target = data.read_image(shared_dir / "data/test/lowlight/LOL-eval15/target/22.png")[None]
+    status = evaluate.main(evaluate.get_args(["--input", str(dark), "--output", str(tmp_path)]))
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "no --checkpoint: using the shipped laptop weights weights/laptop/perceive-ir-laptop.pt" in out
+    restored = data.read_image(tmp_path / "22.png")[None]
+    before, after = (compute_metrics_per_image(image, target, "rgb")["psnr"][0]
+                     for image in (data.read_image(dark)[None], restored))
+    assert after > before + 5, f"the shipped weights: {before:.2f} -> {after:.2f} dB on LOL-eval15 22.png"
+    assert json.loads((tmp_path / "perception.json").read_text())["22.png"]["task"] == "lowlight"
+
+
+@pytest.mark.slow
+def test_the_laptop_preset_runs_every_stage_on_the_shared_data(shared_dir, tmp_path, capsys):
+    """The preset's wiring, a few steps of each stage (the README's hour-long run has the real figures)."""
+    args = train.get_args(["--preset", "laptop", "--data-root", str(shared_dir / "data"), "--out", str(tmp_path),
+                           "--medium-iters", "2", "--prompt-iters", "2", "--iters", "2", "--stage1-images", "2",
+                           "--probe-size", "1", "--log-every", "1"])
+    assert (args.dino, args.clip_model, args.vgg) == ("tiny", "tiny", "tiny")       # 'auto' without weight files
+    assert args.medium_config == "tiny" and args.backbone_config == "laptop"
+    train.STOP["signal"] = None
+    train.main(args)
+    out = capsys.readouterr().out
+    found = dict(re.findall(r"data: (\w+): (\d+) images \(", out))
+    assert found == {"denoise": "832", "dehaze": "832", "derain": "70", "deblur": "832", "lowlight": "36"}
+    assert "synthesized from generic denoise layout" in out
+    assert "medium: 10 medium-quality images I_m" in out                        # 2 per task in stage 1
+    checkpoint = torch.load(tmp_path / "restore/last.pt", weights_only=True)
+    assert checkpoint["step"] == 2 and set(checkpoint["avg_psnr"]) >= {"dehaze", "deblur", "lowlight"}
+    assert re.search(r"done in \d+ s", out)
