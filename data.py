@@ -86,7 +86,7 @@ def _rng(*parts):
     return np.random.default_rng([zlib.crc32(str(p).encode()) for p in parts])
 
 
-# --- Image I/O -------------------------------------------------------------------------------------------
+# --- Image I/O --------------------------------------------------------------------------------------------------------
 
 def read_image(path):
     """An image file → float32 (3, H, W) in [0, 1]; grayscale → RGB, alpha dropped, 16 bit scaled."""

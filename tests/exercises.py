@@ -61,7 +61,9 @@ TRAINING_RUNS = nodes(
     "test_the_offline_demo_restores_better_than_its_inputs",
     "test_two_gloo_processes_match_one_process_and_log_the_mean_over_both",
     "test_the_table_xv_backbones_train_in_the_restore_stage_and_evaluate_rebuilds_them",
-    "test_init_fine_tunes_from_a_restore_checkpoints_weights_and_refuses_another_network") + nodes(
+    "test_init_fine_tunes_from_a_restore_checkpoints_weights_and_refuses_another_network",
+    "test_resume_from_another_checkpoint_never_overwrites_the_run_already_in_out",
+    "test_resuming_into_another_network_says_so_in_one_line") + nodes(
     "test_gpu_path.py", "test_amp_bf16_keeps_every_loss_term_in_float32_close_to_fp32_and_l_cl_is_not_quantised",
     "test_compile_trains_resumes_and_its_checkpoint_loads_strictly_into_a_plain_model")
 # One restore step (every loss and PGCA, no avgPSNR) on other devices.
@@ -89,7 +91,8 @@ EXERCISES = [
                  "test_only_the_prompt_embeddings_receive_gradients",
                  "test_prompt_checkpoint_round_trips_with_weights_only",
                  "test_perceiver_probabilities_sum_to_one_and_gradients_reach_the_image_not_clip",
-                 "test_score_command_prints_one_line_per_image")
+                 "test_score_command_prints_one_line_per_image",
+                 "test_score_names_an_unreadable_image_scores_the_others_and_exits_non_zero")
              + nodes("test_evaluate.py", "test_perception_json_names_the_nearest_task_and_p_excellent_with_prompts")
              + nodes("test_train.py", "test_the_perceiver_is_measured_on_crops_of_held_out_triplets")),
     Exercise(3, "Prior guidance cross attention", "Eq. (3), (7), (8), Sec. III-C.3",
@@ -114,7 +117,11 @@ EXERCISES = [
                      "test_profile_reports_the_parameter_counts_of_the_model_and_its_frozen_dinov2",
                      "test_tiled_restoration_matches_the_whole_image_within_a_stated_tolerance",
                      "test_two_ranks_shard_the_test_images_and_give_the_one_process_table",
-                     "test_your_own_images_in_any_format_come_back_as_png_and_colliding_names_keep_their_suffix")),
+                     "test_your_own_images_in_any_format_come_back_as_png_and_colliding_names_keep_their_suffix",
+                     "test_a_second_run_into_the_same_output_keeps_the_first_runs_perception_entries",
+                     "test_a_decompression_bomb_is_named_and_skipped_and_the_others_are_restored")
+             + nodes("test_laptop.py",
+                     "test_with_no_checkpoint_evaluate_restores_a_real_low_light_image_with_the_shipped_weights")),
     Exercise(4, "How many prompts?", "Table XII, Sec. IV-F.3", task=(
         "train stage 1 with `--prompt-words excellent terrible`, the default three words and four words, "
         "and compare the held-out accuracy each prompts.pt records")),
