@@ -32,7 +32,7 @@ matplotlib.use("Agg")                                  # files only: works on ma
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 import data  # noqa: E402
-from metrics import compute_metrics_per_image  # noqa: E402
+from metrics import compute_metrics_per_image, psnr  # noqa: E402
 
 AVERAGE = "Average (mean of set means)"                 # the paper's "Average" column (tables.py)
 TASK_COLOURS = {"denoise": "Blues", "dehaze": "Greys", "derain": "Greens", "deblur": "Oranges", "lowlight": "Purples"}
@@ -70,9 +70,10 @@ def find_test_set(data_root, name):
 def busiest_box(images, size):
     """(top, left, size, size): the square where the methods' outputs differ most (their per-pixel spread)."""
     spread = torch.stack(images).mean(1).std(0)[None, None]                   # (1, 1, H, W) across methods
-    density = F.avg_pool2d(spread, size, stride=max(1, size // 4))[0, 0]      # mean spread per window
+    stride = max(1, size // 4)
+    density = F.avg_pool2d(spread, size, stride=stride)[0, 0]                 # mean spread per window
     row, column = divmod(int(density.argmax()), density.shape[1])
-    return row * max(1, size // 4), column * max(1, size // 4), size, size
+    return row * stride, column * stride, size, size
 
 
 def panel(image, box, zoom_width):
@@ -237,7 +238,7 @@ def perceived_codes(restorer, test_sets, perceiver=None):
         for item in test_set:
             degraded = item["degraded"][None]
             code = F.normalize(restorer.model.degradation_code(prior_view(degraded, prior_size)), dim=-1)[0]
-            input_psnr = (compute_metrics_per_image(degraded, item["target"][None], "rgb")["psnr"][0]
+            input_psnr = (psnr(degraded, item["target"][None], 1.0).item()          # severity: PSNR alone, no SSIM
                           if item["target"] is not None else float("nan"))
             p_excellent = perceiver(degraded)[0, perceiver.excellent_index].item() if perceiver else None
             rows.append(dict(task=test_set.task, sigma=test_set.sigma, input_psnr=input_psnr, code=code,
