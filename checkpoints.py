@@ -9,6 +9,8 @@ What is in here:
 - `rng_state`, `set_rng_state`: torch, numpy, Python and CUDA generators as tensors and numbers.
 - `save_checkpoint` (temporary file, then rename), `load_checkpoint` (refuses anything else, naming the flag).
 - `restore_progress`, `write_checkpoint`: what train.py's loop calls to continue and to save a stage.
+- `init_weights`: `--init`, a fine-tune that starts from a trained restore checkpoint's weights.
+- `record_losses`, `check_finite`: the non-finite guard: no checkpoint ever holds weights that saw a NaN.
 - `git_commit`: the code's commit, recorded in every checkpoint.
 - `export_weights`: a trained model without its optimiser, to share (`python checkpoints.py export SRC DST`).
 """
@@ -121,6 +123,39 @@ def write_checkpoint(args, run, name, out_dir, model, optimizer, state, snapshot
 
 # What a trained model needs to restore and to report what it perceived: no optimiser, no RNG states.
 EXPORTED = ("stage", "args", "git_commit", "step", "epoch", "avg_psnr", "centroids", "model")
+
+
+def init_weights(model, args, architecture):
+    """--init: a trained restore checkpoint's weights, strictly, for a fine-tune on new data (Table VI †). The
+    optimiser, schedule, avgPSNR and centroids start afresh, and the frozen networks are this run's own.
+    `architecture`: the settings that decide the shapes of the weights (guidance.ARCHITECTURE), equal in both."""
+    checkpoint = load_checkpoint(args.init, "--init")
+    if checkpoint["stage"] != "restore":
+        raise SystemExit(f"--init {args.init}: a {checkpoint['stage']} checkpoint; fine-tunes start from a restore one")
+    other = [f"--{key.replace('_', '-')} {checkpoint['args'].get(key)} there, {getattr(args, key)} here"
+             for key in architecture if checkpoint["args"].get(key) != getattr(args, key)]
+    if other:
+        raise SystemExit(f"--init {args.init}: another network ({'; '.join(other)}); pass the same settings")
+    model.load_state_dict(checkpoint["model"])
+
+
+# --- The non-finite guard: never a checkpoint of weights that saw a NaN -----------------------------------------
+
+def record_losses(guard, step, parts):
+    """The non-finite guard, on the device (no host sync): the first step whose loss was not finite, its terms."""
+    bad_now = (guard["first_bad"] < 0) & ~torch.isfinite(parts["total"])
+    guard["first_bad"] = torch.where(bad_now, step, guard["first_bad"])
+    guard["parts"] = {k: torch.where(bad_now, v, guard["parts"].get(k, v)) for k, v in parts.items() if v.dim() == 0}
+
+
+def check_finite(guard, run, name, out_dir):
+    """At log and save intervals (one host sync): stop before any checkpoint holds weights that saw a NaN."""
+    if run.all_sum((guard["first_bad"] >= 0).float()).item() > 0:
+        terms = ", ".join(f"{k} {v.item():.4g}" for k, v in guard["parts"].items())
+        where = f"step {int(guard['first_bad'].item()) + 1}" if guard["first_bad"].item() >= 0 else "another rank"
+        raise SystemExit(f"{name}: non-finite loss at {where} ({terms}); stopped without saving. The last good "
+                         f"checkpoint {out_dir / 'last.pt'} is intact: lower --lr or set --grad-clip, check the "
+                         "data, then --resume auto")
 
 
 def export_weights(source, destination):

@@ -344,7 +344,9 @@ class QualityPerceiver(nn.Module):
             raise ValueError(f"the CLIP rebuilt for {path} does not reproduce its prompt features (max "
                              f"difference {difference:.3g}): the prompts were trained with other CLIP "
                              "weights; pass those with --clip-weights FILE")
-        return cls(clip_model, text_features, checkpoint["levels"]).to(device)
+        perceiver = cls(clip_model, text_features, checkpoint["levels"]).to(device)
+        perceiver.stage1_restorer = checkpoint["config"].get("medium_backbone", "restormer")    # Table XIV's row
+        return perceiver
 
 
 def save_prompts(path, learner, clip_info, config, step, held_out=None):

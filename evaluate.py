@@ -31,7 +31,7 @@ from checkpoints import load_checkpoint, output_folder
 from data import TASKS
 from guidance import build_model, build_sgm, perceive, restore_image
 from metrics import CONVENTIONS, LPIPS_NAME, NO_REFERENCE, NR_METRICS, build_lpips, compute_metrics_per_image
-from tables import LAYOUTS, ResultTable, table_xv, write_atomic
+from tables import LAYOUTS, ResultTable, table_xiv, table_xv, write_atomic
 
 # --- Restoring the test sets with a trained checkpoint, or scoring another method's outputs ------------------------
 
@@ -314,6 +314,8 @@ def get_args(argv=None):
     add("--nr-metrics", nargs="+", choices=sorted(NR_METRICS), default=[], help="no-reference metrics of the "
         "restored images (Table VII: uciqe uiqm)")
     add("--layout", choices=sorted(LAYOUTS), default=None, help="table layout (default: from --tasks)")
+    add("--table-xiv", nargs="+", metavar="JSON", help="Table XIV: Rain100L of several runs whose prompts were "
+        "learnt on different stage-1 restorers (train.py --medium-backbone)")
     add("--table-xv", nargs="+", metavar="JSON", help="Table XV: compare the results_<layout>_<convention>.json "
         "of several runs (backbones, patch sizes), N+H+R and N+H+R+B+L")
     add("--crop-multiple", type=int, default=0, help="centre-crop test images to a multiple (PromptIR: 16)")
@@ -413,12 +415,13 @@ def test_sets(args, problems=None):
 
 
 def main(args):
-    if args.table_xv:                                          # Table XV from earlier evaluations: no model needed
-        text = table_xv(args.table_xv)
-        print(text)
-        Path(args.results).mkdir(parents=True, exist_ok=True)
-        write_atomic(Path(args.results) / "table_xv.md", text)
-        return 0
+    for name, table in (("table_xiv", table_xiv), ("table_xv", table_xv)):   # from earlier evaluations: no model
+        if getattr(args, name):
+            text = table(getattr(args, name))
+            print(text)
+            Path(args.results).mkdir(parents=True, exist_ok=True)
+            write_atomic(Path(args.results) / f"{name}.md", text)
+            return 0
     run = train.Run(args.device)                                                        # honours --device (cpu, cuda)
     lpips = build_lpips(args.vgg_weights, args.lpips_weights).to(run.device) if args.lpips else None
     try:
@@ -454,9 +457,9 @@ def main(args):
         restorer.tile = args.tile or None                      # test sets: whole images, the paper's protocol
         if run.master:                                                                 # the note before the first image
             largest_image_note(sets, restorer.config)
-        config = restorer.config                                   # what Table XV compares: backbone, patch, size
+        config = restorer.config                        # what Tables XIV-XV compare: backbone, patch, size, stage 1
         about = dict(backbone=config["backbone"], patch_size=config["patch_size"],
-                     parameters=count_parameters(restorer.model))
+                     parameters=count_parameters(restorer.model), medium_backbone=config.get("medium_backbone"))
         tables = result_tables(args, args.method or "Perceive-IR", restorer.protocol, lpips, about)
         for test_set in sets:                                                           # each set, then its tables
             score_into(tables, test_set, restored_pairs(restorer, test_set, run, args.save_images), run, lpips)

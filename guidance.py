@@ -13,7 +13,7 @@ What is in here:
 - `PGM` (Eq. 6): Y_l = X_l^d ⊙ (1 + γ) + β with (γ, β) from concat(F_l, Z).
 - `PGCA` (Eq. 7-8): channel cross-attention, query from Y_l, key/value from X_l^d, residual + Y_l.
 - `GuidedMixer`: PGM then PGCA, the token mixer an ETB uses in place of MDTA.
-- `BACKBONES`, `build_backbone`: the four backbones of Table XV (`backbone.py`, `xrestormer.py`, `grl.py`).
+- `BACKBONES`, `NETWORKS`, `build_backbone`: Table XV's four backbones, Table XIV's restorers (`networks/`).
 - `PerceiveIR`: any of them + the guidance; the ablations of Table X; `build_model` from train.py's settings.
 - `restore_image`: any image size, the backbone optionally on tiles, the priors from the whole image.
 - `degradation_centroids`, `perceive`: per-task centroids of Z, and what the model perceives in an image.
@@ -22,42 +22,57 @@ DINOv2 is never part of `PerceiveIR`: it is frozen and stays outside the optimis
 caller runs `semantic = sgm(degraded)` once per batch and passes it to `model(degraded, semantic)`.
 """
 
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone import NAFNet, Restormer, channel_attention, count_parameters, tiled_forward
-from grl import GRL
-from xrestormer import XRestormer
+import backbone
+from backbone import Restormer, channel_attention, count_parameters, tiled_forward
+from networks.airnet import AirNet
+from networks.grl import GRL
+from networks.mprnet import MPRNet
+from networks.nafnet import NAFNet
+from networks.promptir import PromptIR
+from networks.xrestormer import XRestormer
 
 CODE_DIM = 128                      # Z ∈ R^{1×128} (Sec. III-C.2)
 CFE_WIDTHS = {"paper": (64, 128, 256), "laptop": (16, 32, 64), "tiny": (16, 32, 64)}   # by the backbone's config
 DINO_BLOCKS = (0, 3, 7, 11)         # Eq. (5): i = 1, 4, 8, 12, 1-based → 0-based block indices
-BACKBONES = {"restormer": Restormer, "nafnet": NAFNet, "xrestormer": XRestormer, "grl": GRL}   # Table XV
+BACKBONES = {"restormer": Restormer, "nafnet": NAFNet, "xrestormer": XRestormer, "grl": GRL}   # Table XV: guided
+NETWORKS = {**BACKBONES, "promptir": PromptIR, "mprnet": MPRNet, "airnet": AirNet}   # + Table XIV's, plain only
 
 
 def backbone_config(name, config):
-    """Resolve a named config ("paper", "tiny") of a backbone, or pass a dict of constructor keywords through."""
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)} (--backbone)")
+    """Resolve a named config ("paper", "tiny") of a network, or pass a dict of constructor keywords through."""
+    if name not in NETWORKS:
+        raise ValueError(f"unknown network {name!r}; choose one of {sorted(NETWORKS)} (--backbone, --medium-backbone)")
     if isinstance(config, dict):
         return dict(config)
-    if config not in BACKBONES[name].CONFIGS:
-        raise ValueError(f"unknown config {config!r} for {name}; choose one of {sorted(BACKBONES[name].CONFIGS)} "
+    if config not in NETWORKS[name].CONFIGS:
+        raise ValueError(f"unknown config {config!r} for {name}; choose one of {sorted(NETWORKS[name].CONFIGS)} "
                          "or pass a dict")
-    return dict(BACKBONES[name].CONFIGS[config])
+    return dict(NETWORKS[name].CONFIGS[config])
 
 
 def build_backbone(name, config="paper", guided_attention=None):
     """`build_backbone("restormer", "paper")` → the 26,126,644-parameter Restormer of the paper."""
     kwargs = backbone_config(name, config)                    # an unknown name or config: a clear error
-    return BACKBONES[name](**kwargs, guided_attention=guided_attention)
+    return NETWORKS[name](**kwargs, guided_attention=guided_attention)
 
 
 def size_multiple(name, config="paper"):
     """The multiple every side is padded to (training crops must be one): Restormer 8, NAFNet 16, X-Restormer
     8 × window (64), GRL the windows and stripes (128)."""
-    return BACKBONES[name].size_multiple(backbone_config(name, config))
+    return NETWORKS[name].size_multiple(backbone_config(name, config))
+
+
+def load_released(name, model, path):
+    """A released checkpoint of network `name`, in its authors' format, into `model` (`--medium-weights`):
+    BasicSR's for Restormer and NAFNet, PromptIR's Lightning .ckpt, MPRNet's and AirNet's own (`networks/`)."""
+    loader = getattr(sys.modules[NETWORKS[name].__module__], "load_official", backbone.load_official)
+    return loader(model, path)
 
 
 # --- SGM: frozen DINOv2 (Sec. III-C.3, Eq. 5) ----------------------------------------------------------------------
@@ -334,8 +349,8 @@ class PerceiveIR(nn.Module):
         return [torch.cat([semantic[:, level], code], dim=1) for level in range(4)]
 
     def forward(self, degraded, semantic=None, positive=None):
-        if not self.guided:
-            restored = self.backbone(degraded)
+        if not self.guided:                                   # PromptIR's restore pads to 8 as the others' forward
+            restored = getattr(self.backbone, "restore", self.backbone)(degraded)
             return (restored, None, None) if positive is not None else (restored, None)
         if positive is not None:                              # Z and Z+ in one CFE pass
             code, code_positive = self.degradation_code(torch.cat([degraded, positive])).chunk(2)
@@ -379,7 +394,7 @@ def restore_image(model, sgm, degraded, tile=None, overlap=32, prior_size=1024):
     size as always (Eq. 5), CFE through `prior_view`.
     """
     if not model.guided:
-        return tiled_forward(model.backbone, degraded, tile, overlap).clamp(0, 1)
+        return tiled_forward(lambda x: model(x)[0], degraded, tile, overlap).clamp(0, 1)
     code = model.degradation_code(prior_view(degraded, prior_size))                    # Z of the whole image
     priors = model.priors(sgm(degraded) if model.use_dino else None, code)
     return tiled_forward(lambda x: model.backbone(x, priors), degraded, tile, overlap).clamp(0, 1)

@@ -1,12 +1,13 @@
-"""The result tables of Sec. IV-B..G in the paper's layouts: Tables II-V and IX per set, VI-VIII for any set, XV.
+"""The result tables of Sec. IV-B..G in the paper's layouts: Tables II-V and IX per set, VI-VIII for any set, XIV-XV.
 
 A table holds one method's per-image values of every test set in one metric convention (`metrics.py`) and writes
 them as markdown, CSV and JSON. A layout picks and orders the columns of a paper table; the averages say what they
-average. `table_xv` gathers several runs' JSON files into Table XV's comparison of backbones.
+average. `table_xiv` and `table_xv` gather several runs' JSON files into the comparisons of Tables XIV and XV.
 
 What is in here:
 - `LAYOUTS`: the columns of Tables II (N+H+R), III (N+H+R+B+L), IV-V (One-by-One) and IX (unseen σ).
 - `ResultTable`: per-set PSNR/SSIM (and LPIPS) in one convention, or the no-reference metrics of Tables VI-VII.
+- `table_xiv`: Table XIV's rows (one per stage-1 restorer: MPRNet, AirNet, PromptIR, Restormer), Rain100L.
 - `table_xv`: Table XV's rows (one per backbone and patch size) from the JSON files of several evaluations.
 """
 
@@ -197,6 +198,39 @@ class ResultTable:
         return paths
 
 
+# --- Table XIV: the restoration model behind stage 1's prompts ----------------------------------------------------
+
+def read_results(path, flag):
+    """One results JSON of evaluate.py, or one line naming the file and the flag."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"{flag} {path}: not a results JSON of evaluate.py ({error})") from None
+
+
+def table_xiv(paths, set_name="Rain100L"):
+    """Table XIV's layout: a row per run, named by the restorer that made its stage-1 medium-quality images
+    (`train.py --medium-backbone`, recorded in the checkpoint), with PSNR/SSIM on `set_name` (the paper's
+    Rain100L). Files of one convention only; each must hold the set and name its stage-1 restorer."""
+    rows, headers = {}, set()
+    for path in paths:
+        result = read_results(path, "--table-xiv")
+        found = [s for s in result.get("sets", []) if s["set_name"] == set_name]
+        if not found or "medium_backbone" not in result:
+            raise SystemExit(f"--table-xiv {path}: needs {set_name} scored by evaluate.py from a checkpoint "
+                             f"(its stage-1 restorer is recorded there); this file has "
+                             f"{[s['set_name'] for s in result.get('sets', [])]}")
+        headers.add(result["header"])
+        means = {m: sum(found[0][m]) / len(found[0][m]) for m in ("psnr", "ssim")}
+        rows[f"{result['method']} ({result['medium_backbone']})"] = means
+    if len(headers) > 1:
+        raise SystemExit(f"--table-xiv: the files mix metric conventions ({sorted(headers)}); compare one at a time")
+    lines = [f"**Table XIV layout: {set_name}, {headers.pop()}; rows by stage 1's restoration model**", "",
+             "| method | PSNR | SSIM |", "|---|---|---|"]
+    lines += [f"| {label} | {row['psnr']:.2f} | {row['ssim']:.3f} |" for label, row in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
 # --- Table XV: Perceive-IR on four backbones -----------------------------------------------------------------------
 
 TABLE_XV_SETTINGS = ("N+H+R", "N+H+R+B+L")
@@ -208,10 +242,7 @@ def table_xv(paths):
     N+H+R+B+L, and the trainable parameters. Files of one convention only; a setting not evaluated shows '-'."""
     rows, headers = {}, set()
     for path in paths:
-        try:
-            result = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as error:
-            raise SystemExit(f"--table-xv {path}: not a results JSON of evaluate.py ({error})") from None
+        result = read_results(path, "--table-xv")
         if result.get("layout") not in TABLE_XV_SETTINGS or "backbone" not in result:
             raise SystemExit(f"--table-xv {path}: Table XV compares checkpoints' {' and '.join(TABLE_XV_SETTINGS)} "
                              f"tables (results_N+H+R_<convention>.json), not layout {result.get('layout')!r}")

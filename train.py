@@ -36,9 +36,11 @@ import data
 import demo
 import losses
 from backbone import count_parameters
-from checkpoints import git_commit, load_checkpoint, output_folder, restore_progress, write_checkpoint
-from guidance import (ARCHITECTURE, BACKBONES, build_backbone, build_model, build_sgm, degradation_centroids,
-                      restore_image, size_multiple)
+from checkpoints import (check_finite, git_commit, init_weights, load_checkpoint, output_folder, record_losses,
+                         restore_progress, write_checkpoint)
+from guidance import (ARCHITECTURE, BACKBONES, NETWORKS, build_backbone, build_model, build_sgm, degradation_centroids,
+                      load_released, restore_image, size_multiple)
+from networks import airnet, mprnet
 
 CENTROID_IMAGES = 256                             # training images per task behind each centroid of Z
 # DEVIATION: --preset laptop is an hour on 2 CPU cores, not Sec. IV-A.4's scale (README, "A real restorer"): H, B
@@ -80,8 +82,9 @@ def get_args(argv=None):
         "images: haze by atmospheric scattering, blur by camera shake (not the paper's; README)")
     # --- stage 1a: medium-quality images I_m (Sec. III-B) ---
     add("--medium-dir", default=None, help="medium-quality images I_m (default OUT/medium/images)")
-    add("--medium-backbone", choices=sorted(BACKBONES), default="restormer", help="stage-1a restorer "
-        "(Sec. III-B: Restormer); 'nafnet' into another --medium-dir makes more proxy negatives (README)")
+    add("--medium-backbone", choices=sorted(NETWORKS), default="restormer", help="stage-1a restorer (Sec. III-B: "
+        "Restormer; Table XIV: mprnet, airnet, promptir), trained with its own loss; also makes proxy negatives")
+    add("--medium-weights", default=None, help="a released checkpoint of --medium-backbone both folds start from")
     add("--medium-config", default=None, help="stage-1a restorer's config (default: --backbone-config's)")
     add("--medium-iters", type=int, default=100_000, help="steps per fold (Sec. IV-A.4: 100K)")
     add("--stage1-images", type=int, default=0, help="stage 1 on at most N images per task, evenly spread; "
@@ -101,7 +104,8 @@ def get_args(argv=None):
     add("--prompt-crops", type=int, default=4, help="cached crops per image with --prompt-view crop (not given)")
     add("--prompts", default=None, help="stage-1 prompt checkpoint (default OUT/prompt/prompts.pt)")
     # --- stage 2: the network (Sec. III-C, Tables X, XV) ---
-    add("--backbone", choices=sorted(BACKBONES), default="restormer", help="Sec. IV-A.4; Table XV")
+    add("--backbone", choices=sorted(BACKBONES) + ["promptir"], default="restormer",
+        help="Sec. IV-A.4; Table XV; 'promptir' with --no-guidance: the all-in-one baseline of Tables II-III")
     add("--backbone-config", default="paper", help="'paper' (Sec. IV-A.4) or 'tiny'; stage 1a uses it too")
     add("--dino", choices=["base", "tiny", "auto"], default="base",
         help="Sec. IV-A.4: DINOv2 base; 'auto': base if --dino-weights is given, else 'tiny'")
@@ -176,6 +180,8 @@ def check_args(args):
     problems += [f"--sigmas {args.sigmas}: must be > 0"] * (min(args.sigmas) <= 0) + [
         f"--betas {args.betas}: AdamW needs 0 ≤ β < 1"] * (not all(0 <= b < 1 for b in args.betas)) + [
         "--resume continues a run, --init starts a fine-tune from weights: pass one"] * bool(args.resume and args.init)
+    if args.backbone not in BACKBONES and not args.no_guidance:          # PromptIR: Tables II-III's plain baseline
+        problems.append(f"--backbone {args.backbone} has no ETB hook for the guidance: add --no-guidance")
     if problems:
         raise SystemExit(f"train.py: {problems[0]}")
     output_folder(args.out, "--out")
@@ -236,23 +242,6 @@ def stop_requested(run, step, stop_at):
     return bool(stop)
 
 
-def record_losses(guard, step, parts):
-    """The non-finite guard, on the device (no host sync): the first step whose loss was not finite, its terms."""
-    bad_now = (guard["first_bad"] < 0) & ~torch.isfinite(parts["total"])
-    guard["first_bad"] = torch.where(bad_now, step, guard["first_bad"])
-    guard["parts"] = {k: torch.where(bad_now, v, guard["parts"].get(k, v)) for k, v in parts.items() if v.dim() == 0}
-
-
-def check_finite(guard, run, name, out_dir):
-    """At log and save intervals (one host sync): stop before any checkpoint holds weights that saw a NaN."""
-    if run.all_sum((guard["first_bad"] >= 0).float()).item() > 0:
-        terms = ", ".join(f"{k} {v.item():.4g}" for k, v in guard["parts"].items())
-        where = f"step {int(guard['first_bad'].item()) + 1}" if guard["first_bad"].item() >= 0 else "another rank"
-        raise SystemExit(f"{name}: non-finite loss at {where} ({terms}); stopped without saving. The last good "
-                         f"checkpoint {out_dir / 'last.pt'} is intact: lower --lr or set --grad-clip, check the "
-                         "data, then --resume auto")
-
-
 def log_progress(run, name, out_dir, sums, state, steps, iters, lr, images_per_s, eta_hours):
     """One console line (rank 0) and one line of log.jsonl: the loss terms averaged over the interval's
     `steps` and over every rank (not rank 0's share alone), avgPSNR per task (Eq. 10), and the share of
@@ -310,7 +299,8 @@ def fit(args, run, name, model, step_fn, dataset, iters, lr, batch_size, out_dir
     net = model                                           # only the trainable network is wrapped and compiled
     if run.distributed:                                   # the depthwise convolutions' grads: a KB copy
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        net = DDP(net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+        net = DDP(net, device_ids=[run.device.index] if run.device.type == "cuda" else None,   # AirNet's warm-up
+                  find_unused_parameters=getattr(model, "SKIPS_PARAMETERS", False))          # trains its encoder only
     if args.compile:                                      # DDP first: compile then splits the graph at its buckets
         net = torch.compile(net, backend=args.compile)    # (checkpoints still hold `model`'s plain keys)
     sampler = torch.utils.data.distributed.DistributedSampler(
@@ -387,6 +377,25 @@ def l1_step(net, batch, state):
     return loss_rec, {"loss_rec": loss_rec.detach()}
 
 
+def medium_step(name, iters):
+    """Stage 1a's step: each restorer of Table XIV learns with its authors' loss (`networks/`)."""
+    # UNSPECIFIED: Table XIV gives no schedule; each restorer trains with stage 1a's AdamW, LR, batch, crops, steps.
+    if name == "mprnet":                          # Charbonnier + 0.05 × edge loss, over its three stages
+        return mprnet.medium_step
+    if name == "airnet":  # L1 + 0.1 × contrastive, after the encoder alone (officially 100 of 1,000 epochs) for
+        return partial(airnet.medium_step, warmup_steps=-(-iters // 10))  # UNSPECIFIED: the first 10% of the steps
+    return l1_step                                # Restormer, PromptIR and the other backbones: L1
+
+
+def medium_network(args):
+    """Stage 1a's restorer, from --medium-weights (a released checkpoint) when given."""
+    network = build_backbone(args.medium_backbone, args.medium_config)
+    try:
+        return load_released(args.medium_backbone, network, args.medium_weights) if args.medium_weights else network
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"train.py: --medium-weights {error}") from None
+
+
 def run_medium(args, run, samples, resume):
     """Train a restorer on each half of the data; each restores the half it never saw (Sec. III-B)."""
     images_dir = Path(args.medium_dir)                                                  # where I_m goes (Sec. III-B)
@@ -396,15 +405,16 @@ def run_medium(args, run, samples, resume):
     for cv, other in zip(rounds, rounds[::-1]):           # model a restores fold b, model b fold a
         dataset = data.TrainDataset(cv["train"], args.patch_size, resample=data.parse_resample(args.resample),
                                     sigmas=args.sigmas, seed=args.seed)     # fold checkpoints beside the images:
-        model, _ = fit(args, run, f"medium-{cv['model']}", build_backbone(args.medium_backbone, args.medium_config),
-                       l1_step, dataset, args.medium_iters, args.medium_lr, args.batch_size,   # one set of folds
-                       images_dir.parent / f"fold_{cv['model']}", resume)                   # per --medium-dir
-        clip_prompts.render_medium_images(model.eval(), cv["restore"][run.rank::run.world], images_dir,
-                                          args.sigmas, run.device)              # the ranks share the rendering
+        model, _ = fit(args, run, f"medium-{cv['model']}", medium_network(args),
+                       medium_step(args.medium_backbone, args.medium_iters), dataset, args.medium_iters,
+                       args.medium_lr, args.batch_size, images_dir.parent / f"fold_{cv['model']}", resume)
+        clip_prompts.render_medium_images(getattr(model.eval(), "restore", model), cv["restore"][run.rank::run.world],
+                                          images_dir, args.sigmas, run.device)   # restore(): one image (MPRNet)
         entries += [dict(task=s.task, key=s.key, fold=other["model"], restored_by=cv["model"]) for s in cv["restore"]]
         run.barrier()
     if run.master:                                        # the manifest says which model restored what
-        restorer = dict(restorer=args.medium_backbone, config=args.medium_config, iters=args.medium_iters)
+        restorer = dict(restorer=args.medium_backbone, config=args.medium_config, iters=args.medium_iters,
+                        weights=args.medium_weights)
         clip_prompts.write_medium_manifest(images_dir, entries, {**restorer, "git_commit": git_commit()})
     run.barrier()
     run.print0(f"medium: {len(entries)} medium-quality images I_m in {images_dir}")
@@ -423,7 +433,7 @@ def run_prompt(args, run, samples, clip_model, resume):
     """Eq. (1) on cached CLIP features of the crops L_clip will judge; 10% of the triplets held out."""
     if args.resume and Path(args.prompts).is_file():
         return run.print0(f"prompt: {args.prompts} exists, skipping")
-    clip_prompts.read_medium_manifest(Path(args.medium_dir))                     # a clear error if absent
+    manifest = clip_prompts.read_medium_manifest(Path(args.medium_dir))          # a clear error if absent
     clip_model.to(run.device)                                                      # frozen: only the prompts will train
     held_out, levels = clip_prompts.held_out_split(samples), len(args.prompt_words)
     split = {kept: [s for s in samples if ((s.task, s.key) in held_out) != kept] for kept in (True, False)}
@@ -445,7 +455,8 @@ def run_prompt(args, run, samples, clip_model, resume):
         run.print0(f"prompt: held-out triplets ({len(held_out)}, {crops} crops): {accuracy:.1%} of their "
                    f"images in the right tier (chance {1 / levels:.0%})")
     if run.master:                                    # the prompts, their CLIP and the held-out accuracy
-        clip_prompts.save_prompts(args.prompts, learner, clip_model.clip_info, vars(args), args.prompt_iters, result)
+        config = {**vars(args), "medium_backbone": manifest["restorer"].get("restorer", args.medium_backbone)}
+        clip_prompts.save_prompts(args.prompts, learner, clip_model.clip_info, config, args.prompt_iters, result)
     run.barrier()
     run.print0(f"prompt: prompts for {args.prompt_words} written to {args.prompts}")
 
@@ -469,23 +480,10 @@ def restore_step(net, batch, state, sgm, criterion, use_cl, uses_dino, strata):
     return total, parts
 
 
-def init_weights(model, args):
-    """--init: a trained restore checkpoint's weights, strictly, for a fine-tune on new data (Table VI †). The
-    optimiser, schedule, avgPSNR and centroids start afresh, and the frozen networks are this run's own."""
-    checkpoint = load_checkpoint(args.init, "--init")
-    if checkpoint["stage"] != "restore":
-        raise SystemExit(f"--init {args.init}: a {checkpoint['stage']} checkpoint; fine-tunes start from a restore one")
-    other = [f"--{key.replace('_', '-')} {checkpoint['args'].get(key)} there, {getattr(args, key)} here"
-             for key in ARCHITECTURE if checkpoint["args"].get(key) != getattr(args, key)]
-    if other:
-        raise SystemExit(f"--init {args.init}: another network ({'; '.join(other)}); pass the same settings")
-    model.load_state_dict(checkpoint["model"])
-
-
 def run_restore(args, run, samples, frozen, resume):
     sgm, model = frozen["sgm"], build_model(vars(args))                         # DINOv2 stays outside the trained model
     if args.init:                             # a fine-tune; --resume auto then continues the fine-tune itself
-        init_weights(model, args)
+        init_weights(model, args, ARCHITECTURE)
     use_cl = args.lambda_cl > 0 and model.guided and model.use_cfe          # Z exists only with CFE
     if args.lambda_cl > 0 and not use_cl:
         run.print0("restore: L_cl needs the CFE codes; it is off in this ablation")
@@ -584,6 +582,8 @@ def main(args):
             if args.lambda_clip > 0 and frozen["perceiver"] is None:   # prompts just learnt: a perceiver (Eq. 9)
                 frozen["perceiver"] = clip_prompts.QualityPerceiver.from_checkpoint(args.prompts, args.clip_weights,
                                                                                      run.device)
+            if frozen["perceiver"] is not None:           # Table XIV: the restorer behind the prompts, recorded
+                args.medium_backbone = frozen["perceiver"].stage1_restorer
             model, state = run_restore(args, run, samples, frozen, resume)
             if args.preset == "demo":
                 demo.report(args, run, model, frozen["sgm"], state.get("centroids"))

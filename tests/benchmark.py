@@ -52,9 +52,7 @@ GB = 2 ** 30                                       # "GB" below: GiB, as torch.c
 PRECISIONS = {"none": "fp32", "bf16": "bf16"}      # train.py's --amp values and their names here
 
 
-# ---------------------------------------------------------------------------------------------
-# Measuring: one timer, FLOPs with a corrected convolution formula, peak memory
-# ---------------------------------------------------------------------------------------------
+# --- Measuring: one timer, FLOPs with a corrected convolution formula, peak memory ---------------------------------
 
 def milliseconds(function, repeats, device):
     """Median wall time of `repeats` calls after one warm-up call, the device synchronised around each."""
@@ -145,9 +143,7 @@ def weights(*modules):
     return [t for module in modules for t in (*module.parameters(), *module.buffers())]
 
 
-# ---------------------------------------------------------------------------------------------
-# What is measured
-# ---------------------------------------------------------------------------------------------
+# --- What is measured ----------------------------------------------------------------------------------------------
 
 def random_restorer(device, backbone="restormer", config="paper"):
     """The network of a config with random weights and its DINOv2 (the architecture, unloaded)."""
@@ -218,13 +214,15 @@ def prompt_step_times(device, repeats):
     return milliseconds(naive, repeats, device), milliseconds(cached, 5 * repeats, device)
 
 
-def restoration_step_costs(device, batch=2, patch=128, repeats=3):
-    """(ms, FLOPs) of one training step (train.train_step, AdamW as fit() makes it) of the paper config: the full
-    Perceive-IR step and a plain Restormer with L1 only (stage 1a's l1_step), on the same batch."""
-    paper, plain = PaperStep(device), build_backbone("restormer", "paper").to(device)
-    batch_ = paper.batch(batch, patch)
-    steps = {name: partial(train.train_step, net, torch.optim.AdamW(net.parameters()), step_fn, batch_, paper.state)
-             for name, net, step_fn in (("full", paper.model, paper.step_fn), ("plain", plain, train.l1_step))}
+def restoration_step_costs(device, batch=2, patch=128, repeats=3, config="paper"):
+    """(ms, FLOPs) of one training step (train.train_step, AdamW as fit() makes it) of a config: the full
+    Perceive-IR step, and a plain Restormer and PromptIR (the all-in-one baseline) with L1 only (l1_step, as
+    `--no-guidance` with the λs at 0 trains them), on the same batch."""
+    paper = PaperStep(device, config)
+    nets = [("full", paper.model, paper.step_fn)] + [
+        (name, build_backbone(name, config).to(device), train.l1_step) for name in ("restormer", "promptir")]
+    steps = {name: partial(train.train_step, net, torch.optim.AdamW(net.parameters()), step_fn,
+                           paper.batch(batch, patch), paper.state) for name, net, step_fn in nets}
     return {name: (milliseconds(step, repeats, device), flops_of(step)) for name, step in steps.items()}
 
 
@@ -326,9 +324,7 @@ def table(rows):
     print("\n".join("| " + " | ".join(map(str, row)) + " |" for row in [rows[0], ("---",) * len(rows[0]), *rows[1:]]))
 
 
-# ---------------------------------------------------------------------------------------------
-# --memory: what a GPU needs, counted on fake tensors
-# ---------------------------------------------------------------------------------------------
+# --- --memory: what a GPU needs, counted on fake tensors -----------------------------------------------------------
 
 def memory_report(batches=(1, 2, 6), small=256, large=512, check=1024):
     start = time.perf_counter()
@@ -364,9 +360,7 @@ def memory_report(batches=(1, 2, 6), small=256, large=512, check=1024):
     print(f"\n--memory took {time.perf_counter() - start:.0f} s on {torch.get_num_threads()} CPU threads")
 
 
-# ---------------------------------------------------------------------------------------------
-# --gpu: the demo on the device, the paper step's time and memory, and DDP, in one command
-# ---------------------------------------------------------------------------------------------
+# --- --gpu: the demo on the device, the paper step's time and memory, and DDP, in one command ----------------------
 
 DEMO_LINE = re.compile(r"^ {2}(\w+) \(.*\)\s+(\S+) ->\s+(\S+)\s+\d+/\d+ right$")    # demo.report's lines
 
@@ -489,9 +483,10 @@ def gpu_report(args, device):
     results["paper_step"] = paper_step_on_device(device, settings, repeats, estimates)
     save()
     costs = restoration_step_costs(device, max(batches), 128, repeats)
-    (full_ms, full_flops), (plain_ms, plain_flops) = costs["full"], costs["plain"]
+    (full_ms, full_flops), (plain_ms, plain_flops), (promptir_ms, _) = costs.values()   # full, restormer, promptir
     results["step_ratio"] = dict(batch=max(batches), perceive_ir_ms=full_ms, restormer_l1_ms=plain_ms,
-                                 time_ratio=full_ms / plain_ms, flop_ratio=full_flops / plain_flops)
+                                 time_ratio=full_ms / plain_ms, flop_ratio=full_flops / plain_flops,
+                                 promptir_l1_ms=promptir_ms, promptir_ratio=full_ms / promptir_ms)
     results["seconds"] = round(time.perf_counter() - start)
     save()
     print_gpu_report(results, args.json)
@@ -524,7 +519,8 @@ def print_gpu_report(results, path):
               f"{r['ratio']:.2f}") for r in results["paper_step"])])
     ratio = results["step_ratio"]
     print(f"\nc. Perceive-IR vs Restormer + L1 step, batch {ratio['batch']}: {ratio['perceive_ir_ms']:.0f} ms vs "
-          f"{ratio['restormer_l1_ms']:.0f} ms = {ratio['time_ratio']:.2f}x time for {ratio['flop_ratio']:.2f}x FLOPs")
+          f"{ratio['restormer_l1_ms']:.0f} ms = {ratio['time_ratio']:.2f}x time for {ratio['flop_ratio']:.2f}x FLOPs; "
+          f"vs PromptIR + L1 {ratio['promptir_l1_ms']:.0f} ms = {ratio['promptir_ratio']:.2f}x (target <= 1.0x)")
     ddp = results["ddp"]
     if "max_abs_weight_difference" in ddp:
         print(f"\nd. DDP ({ddp['backend']}), demo restore stage, {ddp['iters']} steps, global batch 4: 2 processes "
@@ -541,13 +537,15 @@ def bench(args, device):
     rows.append(("stage-1 prompt step, ViT-B-32, 32 triplets of 128² crops: naive vs cached",
                  f"{naive_ms:.0f} ms vs {cached_ms:.0f} ms", f"{naive_ms / cached_ms:.1f}x (target >= 30x)"))
     costs = restoration_step_costs(device, args.batch, 128, args.repeats)
-    (full_ms, full_flops), (plain_ms, plain_flops) = costs["full"], costs["plain"]
+    (full_ms, full_flops), (plain_ms, plain_flops), (promptir_ms, _) = costs.values()   # full, restormer, promptir
     time_ratio, flop_ratio = full_ms / plain_ms, full_flops / plain_flops
     rows.append((f"restoration step, batch {args.batch}, 128²: Perceive-IR vs Restormer+L1 (time)",
                  f"{full_ms / 1000:.2f} s vs {plain_ms / 1000:.2f} s", f"{time_ratio:.2f}x (target <= 1.6x)"))
     rows.append(("  same steps, FLOPs (torch.utils.flop_counter, grouped-conv backward corrected)",
                  f"{full_flops / 1e12:.2f} vs {plain_flops / 1e12:.2f} TFLOP",
                  f"{flop_ratio:.2f}x; time/FLOP ratio {time_ratio / flop_ratio:.2f} (target <= 1.1)"))
+    rows.append((f"restoration step, batch {args.batch}, 128²: Perceive-IR vs PromptIR+L1 (time)",
+                 f"{full_ms / 1000:.2f} s vs {promptir_ms / 1000:.2f} s", f"{full_ms / promptir_ms:.2f}x (<= 1.0x)"))
     small, large = (probe_in_subprocess(s, s, 0, device) for s in (256, 512))
     per_mp = (large["peak_mb"] - small["peak_mb"]) / 1024 / ((512 ** 2 - 256 ** 2) / 1e6)
     base = small["peak_mb"] / 1024 - per_mp * 256 ** 2 / 1e6

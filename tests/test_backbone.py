@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from backbone import MDTA, NAFNet, Restormer, count_parameters, tiled_forward
+from backbone import MDTA, Restormer, count_parameters, tiled_forward
+from networks.nafnet import NAFNet
 from guidance import build_backbone
 
 

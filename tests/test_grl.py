@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbone import count_parameters
-from grl import BUFFER_NAMES, GRL, MixedAttention, load_official
+from networks.grl import BUFFER_NAMES, GRL, MixedAttention, load_official
 
 # One stage of four blocks: windows shifted or not, wide or tall stripes, stripes shifted or not (all four kinds).
 SMALL = dict(img_size=(16, 32), embed_dim=36, depths=[4], num_heads_window=[2], num_heads_stripe=[3], window_size=4,

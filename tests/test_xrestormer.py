@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from backbone import GDFN, MDTA, LayerNorm
 from test_backbone import PriorShift
-from xrestormer import OCAB, XRestormer, load_official, relative_index
+from networks.xrestormer import OCAB, XRestormer, load_official, relative_index
 
 TINY = XRestormer.CONFIGS["tiny"]
 
