@@ -216,13 +216,15 @@ def table_xiv(paths, set_name="Rain100L"):
     for path in paths:
         result = read_results(path, "--table-xiv")
         found = [s for s in result.get("sets", []) if s["set_name"] == set_name]
-        if not found or "medium_backbone" not in result:
+        if not found or not result.get("medium_backbone"):
             raise SystemExit(f"--table-xiv {path}: needs {set_name} scored by evaluate.py from a checkpoint "
                              f"(its stage-1 restorer is recorded there); this file has "
                              f"{[s['set_name'] for s in result.get('sets', [])]}")
         headers.add(result["header"])
-        means = {m: sum(found[0][m]) / len(found[0][m]) for m in ("psnr", "ssim")}
-        rows[f"{result['method']} ({result['medium_backbone']})"] = means
+        label = f"{result['method']} ({result['medium_backbone']})"              # "Perceive-IR (mprnet)"
+        if label in rows:                                                            # one row per restorer
+            raise SystemExit(f"--table-xiv {path}: a second file for {label}; pass one per stage-1 restorer")
+        rows[label] = {m: sum(found[0][m]) / len(found[0][m]) for m in ("psnr", "ssim")}
     if len(headers) > 1:
         raise SystemExit(f"--table-xiv: the files mix metric conventions ({sorted(headers)}); compare one at a time")
     lines = [f"**Table XIV layout: {set_name}, {headers.pop()}; rows by stage 1's restoration model**", "",

@@ -64,6 +64,7 @@ TRAINING_RUNS = nodes(
     "test_init_fine_tunes_from_a_restore_checkpoints_weights_and_refuses_another_network",
     "test_resume_from_another_checkpoint_never_overwrites_the_run_already_in_out",
     "test_resuming_into_another_network_says_so_in_one_line") + nodes(
+    "test_table_xiv.py", "test_the_restorer_behind_the_prompts_is_recorded_through_to_the_restore_checkpoint") + nodes(
     "test_gpu_path.py", "test_amp_bf16_keeps_every_loss_term_in_float32_close_to_fp32_and_l_cl_is_not_quantised",
     "test_compile_trains_resumes_and_its_checkpoint_loads_strictly_into_a_plain_model")
 # One restore step (every loss and PGCA, no avgPSNR) on other devices.
@@ -129,7 +130,8 @@ EXERCISES = [
              TABLE_XI + nodes("test_losses.py",
                               "test_eq10_each_image_counts_its_non_easy_negatives_and_those_weighted_1_minus_gamma"),
              breaks=TRAINING_RUNS + RESTORE_STEP + LOSS_GRADIENTS + nodes(
-                 "test_losses.py", "test_a_term_switched_on_without_its_network_is_a_clear_error")),
+                 "test_losses.py", "test_a_term_switched_on_without_its_network_is_a_clear_error") + nodes(
+                 "test_table_xiv.py", "test_promptir_trains_as_the_plain_baseline_and_evaluate_rebuilds_it")),
     Exercise(6, "Swap the backbone", "Table XV, Sec. III-C.1", task=(
         "add a fifth backbone to guidance.py:BACKBONES that honours the guided_attention interface and add it "
         "to the parametrisations of the guided-level and odd-size tests")),

@@ -103,6 +103,8 @@ def test_table_xiv_has_a_row_per_stage_1_restorer_with_its_rain100l_scores(tmp_p
     assert list(rows) == ["Perceive-IR (mprnet)", "Perceive-IR (airnet)", "Perceive-IR (promptir)",
                           "Perceive-IR (restormer)"]                        # the order the files were given in
     assert (tmp_path / "xiv/table_xiv.md").read_text() == text.rstrip("\n") + "\n"
+    with pytest.raises(SystemExit, match=re.escape("a second file for Perceive-IR (mprnet)")):
+        main(get_args(["--table-xiv", str(files[0]), str(files[0])]))
     no_rain = ResultTable("y", about=dict(medium_backbone="mprnet"))
     no_rain.add("CBSD68", "denoise", 25, {"psnr": [30.0], "ssim": [0.8]})
     with pytest.raises(SystemExit, match=re.escape("needs Rain100L")):
