@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbone import (GDFN, MDTA, Downsample, LayerNorm, OverlapPatchEmbed, Upsample, check_image, count_parameters,
-                      pad_to_multiple, unet_levels)
+                      load_official, pad_to_multiple, unet_levels)   # load_official: BasicSR's params(_ema) format
 
 
 # --- Spatial attention in overlapping windows (HAT's OCA, as X-Restormer uses it) ----------------------------------
@@ -274,25 +274,6 @@ class XRestormer(nn.Module):
         x = unet_levels(self, shallow, priors)                                      # Restormer's U-Net (Eq. 4)
         x = self.output(x) + x_in                                                   # global residual: + I_d
         return x[..., :H * self.scale, :W * self.scale]
-
-
-def load_official(model, path):
-    """Load a released (BasicSR) checkpoint: `params_ema` if present, else `params`, else a bare state_dict."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such X-Restormer checkpoint") from None
-    except Exception as error:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}: {str(error)[:200]})") from error
-    state = checkpoint.get("params_ema", checkpoint.get("params", checkpoint)) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state_dict or a BasicSR checkpoint with 'params'/'params_ema'")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise ValueError(f"{path} does not fit this XRestormer config (build it with the checkpoint's "
-                         f"options .yml): {str(error)[:500]}") from error
-    return model
 
 
 if __name__ == "__main__":
