@@ -44,11 +44,11 @@ from networks import airnet, mprnet
 
 CENTROID_IMAGES = 256                             # training images per task behind each centroid of Z
 # DEVIATION: --preset laptop is an hour on 2 CPU cores, not Sec. IV-A.4's scale (README, "A real restorer"): H, B
-# synthesized; tiny random CLIP, DINOv2 unless weight files are given ('auto'): L_clip 10× lighter, L_dpl off.
+# synthesized; random CLIP, DINOv2 without weight files: L_clip 10× lighter, L_dpl off; small crops, N and R 4×.
 LAPTOP = dict(out="runs/laptop", tasks="N+H+R+B+L", synthesize="H+B", backbone_config="laptop", medium_config="tiny",
-              dino="auto", clip_model="auto", vgg="auto", lambda_clip=0.005, lambda_dpl=0, patch_size=96, workers=0,
-              batch_size=8, iters=1800, lr=1e-3, min_lr=1e-5, warmup=100, probe_size=4, stage1_images=48,
-              resample="denoise=1,dehaze=1,derain=12,deblur=1,lowlight=24", medium_lr=1e-3, medium_iters=200,
+              dino="auto", clip_model="auto", vgg="auto", lambda_clip=0.005, lambda_dpl=0, patch_size=64, workers=0,
+              batch_size=4, iters=6000, lr=1e-3, min_lr=1e-5, warmup=100, probe_size=4, stage1_images=48,
+              resample="denoise=4,dehaze=1,derain=48,deblur=1,lowlight=24", medium_lr=1e-3, medium_iters=200,
               prompt_iters=400, prompt_batch_size=16, prompt_lr=5e-3, log_every=50, save_every=100, snapshot_every=0)
 PRESETS = {"paper": {}, "demo": demo.PRESET, "laptop": LAPTOP}     # the offline demo: demo.py
 AUTO = {"dino": ("dino_weights", "base"), "clip_model": ("clip_weights", "ViT-B-32"), "vgg": ("vgg_weights", "vgg16")}
