@@ -50,6 +50,20 @@ class Restorer:
     def __init__(self, model, sgm, config, tile=None, overlap=32, prior_size=1024, centroids=None):
         self.model, self.sgm, self.config, self.centroids = model.eval(), sgm, config, centroids
         self.tile, self.overlap, self.prior_size, self.images = tile or None, overlap, prior_size, 0
+        self.as_task = None                       # --as-task: restore as if Z had perceived this task
+
+    def steer(self, task):
+        """Restore every image as if perceived as `task`: Z turned to its training centroid (guidance.restore_image).
+        Only a guided checkpoint with centroids of Z can be steered; a problem ends the run in one line."""
+        if task is None:                                   # no --as-task: each image as perceived
+            return
+        if not (self.model.guided and self.model.use_cfe) or self.centroids is None:      # no Z, or no centroid
+            raise SystemExit(f"evaluate.py: --as-task {task}: this checkpoint has no degradation code Z to steer, "
+                             "or no centroids of it (trained with --no-guidance or --no-cfe, or by an older version)")
+        if task not in self.centroids["tasks"]:            # a task the checkpoint was not trained on
+            raise SystemExit(f"evaluate.py: --as-task {task}: the checkpoint's centroids are of "
+                             f"{', '.join(self.centroids['tasks'])} only")
+        self.as_task = task
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dino_weights=None, **options):
@@ -75,7 +89,9 @@ class Restorer:
 
     def __call__(self, degraded):
         self.images += len(degraded)                         # images restored by this process
-        return restore_image(self.model, self.sgm, degraded, self.tile, self.overlap, self.prior_size)
+        steer = self.centroids["centroids"][self.centroids["tasks"].index(self.as_task)] if self.as_task else None
+        # (a unit vector: restore_image keeps each image's ‖Z‖ and takes only the centroid's direction)
+        return restore_image(self.model, self.sgm, degraded, self.tile, self.overlap, self.prior_size, steer)
 
 
 def auto_layout(tasks, sigmas):
@@ -274,6 +290,9 @@ def restore_files(restorer, inputs, output_dir, grid=False, perceiver=None, devi
         if restorer.centroids is not None:                   # the type of degradation it perceived
             entry.update(perceive(restorer.model, restorer.centroids, degraded)[0])
             line += f" | perceived: {entry['task']}" + (" (unfamiliar)" if entry["unfamiliar"] else "")
+        if restorer.as_task:                                 # --as-task: what it was told, beside what it perceived
+            entry["restored_as"] = restorer.as_task
+            line += f" | restored as {restorer.as_task}"
         if perceiver is not None:                            # the stage-1 quality perceiver
             with torch.no_grad():                                                       # P(excellent) of Eq. (9)
                 before, after = (perceiver(x)[0, perceiver.excellent_index].item() for x in (degraded, restored))
@@ -334,6 +353,8 @@ def get_args(argv=None):
     add("--tile-overlap", type=int, default=32, help="overlap between tiles, blended linearly")
     add("--prior-size", type=int, default=1024, help="CFE sees the whole image, resized above this long side")
     add("--dino-weights", help="local DINOv2 weights (default: those the checkpoint was trained with)")
+    add("--as-task", choices=data.TASKS, help="restore as if every image were perceived as this task: Z turned to "
+        "its training centroid, its length kept (your photo's known degradation, or does Z steer the restoration?)")
     args = parser.parse_args(argv)                                                      # no parsing at import time
     try:                                                  # bad values: one line, before anything is loaded
         args.task_names = data.parse_tasks(args.tasks)
@@ -358,6 +379,8 @@ def get_args(argv=None):
                            (not re.fullmatch(r"cpu|cuda(:\d+)?", args.device), f"--device {args.device}: use cpu, "
                             "cuda or cuda:N"),
                            (args.target and args.sets, "--target scores one pair of folders, --sets several: one"),
+                           (args.as_task and (args.pred or args.score_inputs), "--as-task steers a checkpoint's "
+                            "restoration: not with --pred or --score-inputs, which restore nothing"),
                            (args.target and len(args.task_names) != 1, "--target scores one set: name its --tasks"),
                            (args.device.startswith("cuda") and not torch.cuda.is_available(),
                             f"--device {args.device}: no CUDA device here; use --device cpu")):
@@ -446,6 +469,7 @@ def main(args):
                        "hour on 2 CPU cores, README)")
         restorer = Restorer.from_checkpoint(args.checkpoint, run.device, args.dino_weights, overlap=args.tile_overlap,
                                             prior_size=args.prior_size)
+        restorer.steer(args.as_task)
         if args.input:                                        # your own images: tiles above 512 px by default
             restorer.tile = 512 if args.tile is None else args.tile or None
             try:                                              # a missing or foreign --prompts file: one line
@@ -460,7 +484,8 @@ def main(args):
         config = restorer.config                        # what Tables XIV-XV compare: backbone, patch, size, stage 1
         about = dict(backbone=config["backbone"], patch_size=config["patch_size"],
                      parameters=count_parameters(restorer.model), medium_backbone=config.get("medium_backbone"))
-        tables = result_tables(args, args.method or "Perceive-IR", restorer.protocol, lpips, about)
+        method = args.method or "Perceive-IR" + (f", Z as {args.as_task}" if args.as_task else "")   # steered: named
+        tables = result_tables(args, method, restorer.protocol, lpips, about)
         for test_set in sets:                                                           # each set, then its tables
             score_into(tables, test_set, restored_pairs(restorer, test_set, run, args.save_images), run, lpips)
         if run.distributed:                                    # each rank restored its share only

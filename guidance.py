@@ -386,16 +386,19 @@ def prior_view(degraded, prior_size=1024):
 
 
 @torch.no_grad()
-def restore_image(model, sgm, degraded, tile=None, overlap=32, prior_size=1024):
+def restore_image(model, sgm, degraded, tile=None, overlap=32, prior_size=1024, steer=None):
     """I_r of a (B, 3, H, W) batch of any size, optionally with the backbone run tile by tile.
 
     The priors F_l and Z are per-image vectors, so DINOv2 and CFE see the whole image once, even
     when the backbone runs on tiles (memory bounded by the tile size): DINOv2 resized to its input
-    size as always (Eq. 5), CFE through `prior_view`.
+    size as always (Eq. 5), CFE through `prior_view`. `steer`, a unit (128,) direction (a task's
+    centroid of Z), turns each Z to it, its length kept: the image restored as if perceived as that task.
     """
     if not model.guided:
         return tiled_forward(lambda x: model(x)[0], degraded, tile, overlap).clamp(0, 1)
     code = model.degradation_code(prior_view(degraded, prior_size))                    # Z of the whole image
+    if steer is not None:                                        # ‖Z‖ · centroid: the type told, not perceived
+        code = code.norm(dim=-1, keepdim=True) * steer.to(code)
     priors = model.priors(sgm(degraded) if model.use_dino else None, code)
     return tiled_forward(lambda x: model.backbone(x, priors), degraded, tile, overlap).clamp(0, 1)
 

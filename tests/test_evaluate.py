@@ -536,6 +536,35 @@ def test_perception_json_names_the_nearest_task_and_p_excellent_with_prompts(tin
     assert report["p_excellent"] == pytest.approx({"input": p_in, "output": p_out}, abs=1e-6)
 
 
+def test_as_task_restores_as_if_perceived_as_that_task_and_says_so(tiny_checkpoint, tmp_path, capsys):
+    from guidance import perceive, restore_image
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    Image.fromarray((np.random.default_rng(2).random((30, 40, 3)) * 255).astype(np.uint8)).save(folder / "x.png")
+    for task in (None, "lowlight"):
+        flags = ["--as-task", task] if task else []
+        main(get_args(["--checkpoint", str(tiny_checkpoint), "--input", str(folder), "--output",
+                       str(tmp_path / f"out_{task}"), *flags]))
+    report = json.loads((tmp_path / "out_lowlight" / "perception.json").read_text())["x.png"]
+    assert report["restored_as"] == "lowlight" and "restored as lowlight" in capsys.readouterr().out
+    restorer = Restorer.from_checkpoint(tiny_checkpoint)
+    degraded = read_rgb(folder / "x.png")[None]
+    assert report["task"] == perceive(restorer.model, restorer.centroids, degraded)[0]["task"]   # still what it saw
+    restorer.steer("lowlight")
+    centroid = restorer.centroids["centroids"][restorer.centroids["tasks"].index("lowlight")]
+    expected = restore_image(restorer.model, restorer.sgm, degraded, 512, steer=centroid)
+    steered, plain = (read_rgb(tmp_path / f"out_{task}" / "x.png") for task in ("lowlight", None))
+    assert torch.equal(steered, (expected[0] * 255).round() / 255) and not torch.equal(steered, plain)
+    with pytest.raises(SystemExit, match="centroids are of derain, lowlight only"):
+        restorer.steer("deblur")
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    del checkpoint["centroids"]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    with pytest.raises(SystemExit, match="--as-task dehaze: this checkpoint has no degradation code Z to steer"):
+        main(get_args(["--checkpoint", str(tmp_path / "old.pt"), "--input", str(folder), "--output",
+                       str(tmp_path / "out_old"), "--as-task", "dehaze"]))
+
+
 def test_a_checkpoint_without_centroids_still_restores_with_a_message(tiny_checkpoint, tmp_path, capsys):
     checkpoint = torch.load(tiny_checkpoint, weights_only=True)
     del checkpoint["centroids"]                                        # --no-cfe runs, or older versions
@@ -702,6 +731,7 @@ def test_a_corrupt_prediction_is_named_and_the_other_predictions_are_still_score
     (["--prior-size", "0"], "--prior-size must be > 0"),
     (["--crop-multiple", "-16"], "--crop-multiple must be ≥ 0"),
     (["--sigmas", "25", "0"], "--sigmas must be > 0"),
+    (["--score-inputs", "--data-root", ".", "--as-task", "dehaze"], "--as-task steers a checkpoint's restoration"),
 ])
 def test_bad_flags_end_in_one_line_before_any_model_is_built(flags, message):
     with pytest.raises(SystemExit, match=re.escape(message)) as refused:

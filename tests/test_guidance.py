@@ -297,6 +297,23 @@ def test_restore_image_takes_the_priors_from_the_whole_image_even_when_the_backb
         assert not torch.allclose(resized, restore_image(model, sgm, image), atol=1e-4)
 
 
+def test_steering_turns_z_to_a_task_centroid_keeping_its_length_and_changes_the_restoration(sgm):
+    model = tiny_model(sgm).eval()
+    for name, p in model.named_parameters():
+        if "to_scale_shift" in name:                                        # PGM away from its identity start
+            torch.nn.init.normal_(p, std=0.2)
+    images = torch.rand(2, 3, 40, 48) * torch.tensor([1.0, 0.2])[:, None, None, None]
+    toward = F.normalize(torch.randn(128), dim=0)                              # a task's centroid: a unit vector
+    with torch.no_grad():
+        code = model.degradation_code(images)
+        steered = code.norm(dim=-1, keepdim=True) * toward                     # each image's ‖Z‖, one direction
+        expected = model.backbone(images, model.priors(sgm(images), steered)).clamp(0, 1)
+        assert torch.allclose(restore_image(model, sgm, images, steer=toward), expected, atol=1e-6)
+        assert not torch.allclose(restore_image(model, sgm, images), expected, atol=1e-3)   # Z does steer PGM/PGCA
+        own = restore_image(model, sgm, images[:1], steer=F.normalize(code[0], dim=0))    # its own direction: itself
+        assert torch.allclose(own, restore_image(model, sgm, images[:1]), atol=1e-5)
+
+
 def test_perception_reports_the_nearest_task_centroid_of_z_and_flags_an_unfamiliar_image(sgm):
     model = tiny_model(sgm).eval()
     noise = torch.Generator().manual_seed(0)
