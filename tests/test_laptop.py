@@ -45,6 +45,23 @@ def test_with_no_checkpoint_evaluate_restores_a_real_low_light_image_with_the_sh
     assert json.loads((tmp_path / "perception.json").read_text())["22.png"]["task"] == "lowlight"
 
 
+def test_in_the_shipped_weights_z_switches_low_light_enhancement_on_and_off(shared_dir):
+    """--as-task on a real LOL-eval15 image: told "denoise" the network leaves it dark, told "lowlight" it
+    brightens it as it does when it perceives low light itself (README, "what Z steers")."""
+    dark = data.read_image(shared_dir / "data/test/lowlight/LOL-eval15/input/22.png")[None]
+    target = data.read_image(shared_dir / "data/test/lowlight/LOL-eval15/target/22.png")[None]
+    restorer = evaluate.Restorer.from_checkpoint(evaluate.SHIPPED_WEIGHTS)
+    psnr = {}
+    for task in (None, "denoise", "lowlight"):
+        restorer.as_task = None
+        restorer.steer(task)
+        psnr[task] = compute_metrics_per_image(restorer(dark), target, "rgb")["psnr"][0]
+    before = compute_metrics_per_image(dark, target, "rgb")["psnr"][0]
+    assert psnr[None] > before + 5, psnr                                  # perceived as low light: enhanced
+    assert abs(psnr["denoise"] - before) < 1, psnr                        # told "denoise": left dark, as it came
+    assert psnr["lowlight"] > before + 5 and abs(psnr["lowlight"] - psnr[None]) < 2, psnr   # told "lowlight"
+
+
 @pytest.mark.slow
 def test_the_laptop_preset_runs_every_stage_on_the_shared_data(shared_dir, tmp_path, capsys):
     """The preset's wiring, a few steps of each stage (the README's hour-long run has the real figures)."""
