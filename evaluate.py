@@ -54,8 +54,10 @@ class Restorer:
 
     def steer(self, task):
         """Restore every image as if perceived as `task`: Z turned to its training centroid (guidance.restore_image).
-        Only a guided checkpoint with centroids of Z can be steered; a problem ends the run in one line."""
-        if task is None:                                   # no --as-task: each image as perceived
+        None: as perceived again. Only a guided checkpoint with centroids of Z can be steered; a problem ends the
+        run in one line."""
+        self.as_task = None                                # no --as-task: each image as perceived
+        if task is None:
             return
         if not (self.model.guided and self.model.use_cfe) or self.centroids is None:      # no Z, or no centroid
             raise SystemExit(f"evaluate.py: --as-task {task}: this checkpoint has no degradation code Z to steer, "
