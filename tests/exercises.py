@@ -108,7 +108,8 @@ EXERCISES = [
                  "test_positive_crop_code_equals_the_code_of_a_separate_pass",
                  "test_restore_image_takes_the_priors_from_the_whole_image_even_when_the_backbone_runs_on_tiles",
                  "test_the_guidance_keeps_every_feature_shape_of_the_plain_backbone",
-                 "test_without_pgm_the_guidance_ignores_z_and_with_pgm_it_does_not")
+                 "test_without_pgm_the_guidance_ignores_z_and_with_pgm_it_does_not",
+                 "test_steering_turns_z_to_a_task_centroid_keeping_its_length_and_changes_the_restoration")
              + nodes("test_evaluate.py", "test_a_checkpoint_without_centroids_still_restores_with_a_message",
                      "test_any_folder_is_a_test_set_and_one_without_targets_gets_the_no_reference_metrics",
                      "test_an_unreadable_file_is_named_and_skipped_and_the_others_are_restored",
@@ -120,9 +121,11 @@ EXERCISES = [
                      "test_two_ranks_shard_the_test_images_and_give_the_one_process_table",
                      "test_your_own_images_in_any_format_come_back_as_png_and_colliding_names_keep_their_suffix",
                      "test_a_second_run_into_the_same_output_keeps_the_first_runs_perception_entries",
-                     "test_a_decompression_bomb_is_named_and_skipped_and_the_others_are_restored")
+                     "test_a_decompression_bomb_is_named_and_skipped_and_the_others_are_restored",
+                     "test_as_task_restores_as_if_perceived_as_that_task_and_says_so")
              + nodes("test_laptop.py",
-                     "test_with_no_checkpoint_evaluate_restores_a_real_low_light_image_with_the_shipped_weights")),
+                     "test_with_no_checkpoint_evaluate_restores_a_real_low_light_image_with_the_shipped_weights",
+                     "test_in_the_shipped_weights_z_switches_low_light_enhancement_on_and_off")),
     Exercise(4, "How many prompts?", "Table XII, Sec. IV-F.3", task=(
         "train stage 1 with `--prompt-words excellent terrible`, the default three words and four words, "
         "and compare the held-out accuracy each prompts.pt records")),
