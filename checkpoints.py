@@ -128,12 +128,13 @@ EXPORTED = ("stage", "args", "git_commit", "step", "epoch", "avg_psnr", "centroi
 def init_weights(model, args, architecture):
     """--init: a trained restore checkpoint's weights, strictly, for a fine-tune on new data (Table VI †). The
     optimiser, schedule, avgPSNR and centroids start afresh, and the frozen networks are this run's own.
-    `architecture`: the settings that decide the shapes of the weights (guidance.ARCHITECTURE), equal in both."""
+    `architecture`: {setting: its value in a checkpoint that predates it}, the settings that decide the shapes of
+    the weights (guidance.ARCHITECTURE), equal in both."""
     checkpoint = load_checkpoint(args.init, "--init")
     if checkpoint["stage"] != "restore":
         raise SystemExit(f"--init {args.init}: a {checkpoint['stage']} checkpoint; fine-tunes start from a restore one")
-    other = [f"--{key.replace('_', '-')} {checkpoint['args'].get(key)} there, {getattr(args, key)} here"
-             for key in architecture if checkpoint["args"].get(key) != getattr(args, key)]
+    other = [f"--{key.replace('_', '-')} {checkpoint['args'].get(key, default)} there, {getattr(args, key)} here"
+             for key, default in architecture.items() if checkpoint["args"].get(key, default) != getattr(args, key)]
     if other:
         raise SystemExit(f"--init {args.init}: another network ({'; '.join(other)}); pass the same settings")
     model.load_state_dict(checkpoint["model"])

@@ -25,8 +25,10 @@ caller runs `semantic = sgm(degraded)` once per batch and passes it to `model(de
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
 
 import backbone
 from backbone import Restormer, channel_attention, count_parameters, tiled_forward
@@ -154,17 +156,50 @@ def build_sgm(variant="base", weights=None, random_weights=False):
 
 # --- CFE: Compact Feature Extraction (Sec. III-C.2, Fig. 4(b)) -----------------------------------------------------
 
-class ResidualBlock(nn.Module):
-    """conv3×3 → LeakyReLU → conv3×3, plus a (strided 1×1) shortcut, then LeakyReLU."""
+class CodeBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics span the global batch: every rank's crops, as one process sees them.
 
-    def __init__(self, in_channels, out_channels, stride=1):
+    torch's SyncBatchNorm runs on GPUs only; this one all-reduces the per-channel sums (autograd flows through
+    the all-reduce), so one process and two gloo or NCCL processes normalise a batch alike. In eval mode it is
+    BatchNorm2d with its running statistics.
+    """
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        y = x.float()                                              # bf16 sums under autocast would round
+        count = y.new_tensor([y.numel() / y.shape[1]])                              # values per channel
+        stats = torch.cat([y.sum(dim=(0, 2, 3)), y.square().sum(dim=(0, 2, 3)), count])   # (2C + 1,)
+        if dist.is_available() and dist.is_initialized():
+            stats = differentiable_all_reduce(stats)                                # summed over the ranks
+        channels, count = y.shape[1], stats[-1]
+        mean = stats[:channels] / count
+        var = (stats[channels:2 * channels] / count - mean.square()).clamp_min(0)     # biased, as BN normalises
+        with torch.no_grad():                                                        # running var: unbiased
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * count / (count - 1).clamp_min(1), self.momentum)
+            self.num_batches_tracked += 1
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return (y * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]).to(x.dtype)
+
+
+class ResidualBlock(nn.Module):
+    """conv3×3 → LeakyReLU → conv3×3, plus a (strided 1×1) shortcut, then LeakyReLU; with batch_norm, a
+    CodeBatchNorm after each conv, as in AirNet's degradation encoder."""
+
+    def __init__(self, in_channels, out_channels, stride=1, batch_norm=False):
         super().__init__()
+        def norm():                                          # none: the module keys of earlier checkpoints
+            return [CodeBatchNorm(out_channels)] if batch_norm else []
+
+        bias = not batch_norm                                # a bias before batch norm cancels: gradient 0
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1),
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias), *norm(),
             nn.LeakyReLU(0.1, inplace=True),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1))
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias), *norm())
+        shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=bias)
         self.shortcut = (nn.Identity() if stride == 1 and in_channels == out_channels
-                         else nn.Conv2d(in_channels, out_channels, 1, stride=stride))
+                         else nn.Sequential(shortcut, CodeBatchNorm(out_channels)) if batch_norm else shortcut)
 
     def forward(self, x):
         return F.leaky_relu(self.body(x) + self.shortcut(x), 0.1)
@@ -177,15 +212,22 @@ class CFE(nn.Module):
     # UNSPECIFIED: the paper gives no widths or depths; we use a stem conv and three residual
     # blocks of 64, 128, 256 channels (the last two strided), global average pooling and a
     # 256 → 256 → 128 MLP, the shape of AirNet's degradation encoder, which L_cl also trains.
+    # UNSPECIFIED: whether the blocks normalise. By default they do not (the paper names no normalisation);
+    # batch_norm=True (train.py --cfe-batch-norm) puts AirNet's batch norm after each conv (`CodeBatchNorm`,
+    # statistics of the global batch). Without it the codes of all crops start almost alike (cosine 0.998)
+    # and at the laptop preset's 4 crops a step L_cl never moved (0.91 over its first 600 steps, 0.92 over
+    # the last 600 of 6,000), so Z learnt no type but dark or not; with it L_cl fell to 0.12 and Z tells the
+    # types apart (README, "What Z learns"). Standardising only the pooled features (by running or batch
+    # statistics) left L_cl where it was over 700 steps of the laptop preset.
     Average pooling makes Z independent of the image size, so crops and whole images share it.
     """
 
-    def __init__(self, channels=(64, 128, 256), code_dim=CODE_DIM):
+    def __init__(self, channels=(64, 128, 256), code_dim=CODE_DIM, batch_norm=False):
         super().__init__()
         c1, c2, c3 = channels
         self.features = nn.Sequential(
-            nn.Conv2d(3, c1, 3, padding=1), nn.LeakyReLU(0.1, inplace=True),
-            ResidualBlock(c1, c1), ResidualBlock(c1, c2, stride=2), ResidualBlock(c2, c3, stride=2),
+            nn.Conv2d(3, c1, 3, padding=1), nn.LeakyReLU(0.1, inplace=True), ResidualBlock(c1, c1, 1, batch_norm),
+            ResidualBlock(c1, c2, 2, batch_norm), ResidualBlock(c2, c3, 2, batch_norm),
             nn.AdaptiveAvgPool2d(1), nn.Flatten())                              # (B, c3)
         self.mlp = nn.Sequential(nn.Linear(c3, c3), nn.LeakyReLU(0.1, inplace=True), nn.Linear(c3, code_dim))
 
@@ -312,7 +354,7 @@ class PerceiveIR(nn.Module):
     """
 
     def __init__(self, backbone="restormer", backbone_config="paper", semantic_dim=768, guided=True,
-                 use_dino=True, use_pgm=True, use_cfe=True, code_dim=CODE_DIM):
+                 use_dino=True, use_pgm=True, use_cfe=True, code_dim=CODE_DIM, cfe_batch_norm=False):
         super().__init__()
         self.guided, self.use_dino, self.use_cfe = guided, use_dino, use_cfe
         self.semantic_dim, self.code_dim = semantic_dim, code_dim
@@ -325,7 +367,7 @@ class PerceiveIR(nn.Module):
             return
         if use_cfe:
             named = backbone_config if isinstance(backbone_config, str) else "paper"
-            self.cfe = CFE(CFE_WIDTHS.get(named, CFE_WIDTHS["paper"]), code_dim)
+            self.cfe = CFE(CFE_WIDTHS.get(named, CFE_WIDTHS["paper"]), code_dim, cfe_batch_norm)
         else:                                                 # Table X, "w/o CFE": Z is learnt
             self.learned_code = nn.Parameter(torch.zeros(code_dim))
         if not use_dino:                                      # Table X, "w/o DINO-v2": F_l is learnt
@@ -361,7 +403,9 @@ class PerceiveIR(nn.Module):
 
 
 SEMANTIC_DIM = {"base": 768, "tiny": 64}          # width of F_l: DINOv2 ViT-B/14 and the tiny stand-in
-ARCHITECTURE = ("backbone", "backbone_config", "dino", "no_guidance", "no_dino", "no_pgm", "no_cfe")
+# The settings that decide the shapes of the weights, each with the value a checkpoint written before it existed means.
+ARCHITECTURE = {"backbone": None, "backbone_config": None, "dino": None, "no_guidance": None, "no_dino": None,
+                "no_pgm": None, "no_cfe": None, "cfe_batch_norm": False}
 
 
 def build_model(config):
@@ -369,7 +413,8 @@ def build_model(config):
     them); the ARCHITECTURE settings decide the shapes of its weights."""
     return PerceiveIR(config["backbone"], config["backbone_config"], semantic_dim=SEMANTIC_DIM[config["dino"]],
                       guided=not config["no_guidance"], use_dino=not config["no_dino"],
-                      use_pgm=not config["no_pgm"], use_cfe=not config["no_cfe"])
+                      use_pgm=not config["no_pgm"], use_cfe=not config["no_cfe"],
+                      cfe_batch_norm=config.get("cfe_batch_norm", ARCHITECTURE["cfe_batch_norm"]))
 
 
 def prior_view(degraded, prior_size=1024):

@@ -114,6 +114,7 @@ def get_args(argv=None):
     add("--no-dino", action="store_true", help="learnable F_l (Table X 'w/o DINO-v2')")
     add("--no-pgm", action="store_true", help="projection of F_l only (Table X 'w/o PGM')")
     add("--no-cfe", action="store_true", help="learnable Z (Table X 'w/o CFE'); turns L_cl off")
+    add("--cfe-batch-norm", action="store_true", help="AirNet's batch norm in CFE: L_cl trains at small batches")
     add("--init", default=None, help="fine-tune: start from this restore checkpoint's weights (Table VI †)")
     # --- stage 2: losses (Sec. III-D, III-E); a weight of 0 switches a term off (Table XI) ---
     add("--lambda-cl", type=float, default=0.1, help="λ1 (Sec. IV-A.4: 0.1)")
@@ -221,7 +222,6 @@ class Run:
 
 def get_lr(step, peak_lr, iters, warmup, min_lr):
     """Linear warmup over `warmup` steps, then a cosine from peak_lr down to min_lr at `iters`.
-
     # UNSPECIFIED: Sec. IV-A.4 gives the peak (2e-4) but no schedule; we use warmup + cosine, the
     # schedule of PromptIR, the Restormer-based All-in-One method this paper compares with most.
     """

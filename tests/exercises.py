@@ -79,7 +79,8 @@ EXERCISES = [
         "test_eq12_same_task_samples_are_neither_positives_nor_negatives",
         "test_eq12_samples_without_any_negative_are_masked_out_and_counted",
         "test_eq12_two_gloo_ranks_holding_half_the_batch_give_the_single_process_loss_and_gradients"),
-        breaks=TRAINING_RUNS + RESTORE_STEP + LOSS_GRADIENTS + TABLE_XI),
+        breaks=TRAINING_RUNS + RESTORE_STEP + LOSS_GRADIENTS + TABLE_XI + nodes(
+            "test_guidance.py", "test_l_cl_on_four_crops_a_step_teaches_the_cfe_to_tell_the_degradations_apart")),
     Exercise(2, "The CLIP-aware loss and its temperature", "Eq. (9), Eq. (1), Sec. III-D.1",
              ["losses.py:clip_aware_loss", "clip_prompts.py:prompt_logits"],
              nodes("test_losses.py", "test_eq9_clip_loss_is_zero_when_excellent_has_all_the_mass",

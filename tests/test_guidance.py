@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from backbone import TransformerBlock, count_parameters, tiled_forward
-from guidance import (CFE, PGCA, PGM, GuidedMixer, PerceiveIR, PriorProjection, SemanticGuidance, build_backbone,
-                      build_sgm,
-                      degradation_centroids, parameter_breakdown, perceive, prior_view, restore_image)
+from guidance import (CFE, PGCA, PGM, CodeBatchNorm, GuidedMixer, PerceiveIR, PriorProjection, SemanticGuidance,
+                      build_backbone, build_sgm, degradation_centroids, parameter_breakdown, perceive, prior_view,
+                      restore_image)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,70 @@ def test_cfe_gives_a_128_d_code_for_any_image_size():
     cfe = CFE()
     assert cfe(torch.rand(3, 3, 37, 29)).shape == (3, 128)
     assert cfe(torch.rand(1, 3, 128, 128)).shape == (1, 128)
+
+
+def test_cfes_batch_norm_is_torchs_in_one_process_with_its_running_statistics_in_eval():
+    torch.manual_seed(0)
+    ours, torchs = CodeBatchNorm(5), torch.nn.BatchNorm2d(5)
+    for module in (ours, torchs):
+        torch.nn.init.normal_(module.weight)
+        torch.nn.init.normal_(module.bias)
+    torchs.load_state_dict(ours.state_dict())
+    for _ in range(3):
+        x = (torch.randn(4, 5, 6, 7) * 3 + 1).requires_grad_()
+        y = x.detach().clone().requires_grad_()
+        assert torch.allclose(ours(x), torchs(y), atol=1e-5)
+        (ours(x) * torch.arange(5.0)[:, None, None]).sum().backward()        # a second pass: stats move on
+        (torchs(y) * torch.arange(5.0)[:, None, None]).sum().backward()
+        assert torch.allclose(x.grad, y.grad, atol=1e-5)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(ours, name).double(), getattr(torchs, name).double(), atol=1e-5), name
+    x = torch.randn(2, 5, 3, 3)
+    assert torch.allclose(ours.eval()(x), torchs.eval()(x), atol=1e-5)
+    blocks = CFE((8, 16, 32), batch_norm=True).modules()
+    assert sum(isinstance(m, CodeBatchNorm) for m in blocks) == 8             # 2 + 3 + 3 (two with shortcuts)
+    assert not any(isinstance(m, CodeBatchNorm) for m in CFE((8, 16, 32)).modules())   # the default: none
+
+
+def degradation_crops(n, generator):
+    """n (3, 24, 24) crops of smooth random images and their labels: 0 noise, 1 dark, 2 blur, 3 haze."""
+    clean = F.interpolate(torch.rand(n, 3, 6, 6, generator=generator), size=24, mode="bicubic").clamp(0, 1)
+    task = torch.arange(n) % 4
+    degraded = torch.stack([
+        (c + 0.15 * torch.randn(c.shape, generator=generator)).clamp(0, 1) if t == 0 else
+        0.15 * c if t == 1 else
+        F.avg_pool2d(F.pad(c[None], (2, 2, 2, 2), mode="replicate"), 5, stride=1)[0] if t == 2 else
+        0.4 * c + 0.6 * 0.9 for c, t in zip(clean, task)])
+    return degraded, task
+
+
+def test_l_cl_on_four_crops_a_step_teaches_the_cfe_to_tell_the_degradations_apart():
+    # The laptop preset's regime: 4 crops a step, a second view of each image as its positive. (On the real
+    # training crops, without CodeBatchNorm, L_cl did not move in 6,000 steps: README, "What the model perceived".)
+    from losses import contrastive_loss
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    cfe = CFE((8, 16, 32), batch_norm=True)
+    optimizer = torch.optim.AdamW(cfe.parameters(), lr=1e-3)
+    images, task = degradation_crops(400, generator)
+    held_out, held_out_task = degradation_crops(80, generator)
+    seen = []
+    for step in range(300):
+        pick = torch.randint(0, 400, (4,), generator=generator)
+        anchor, positive = images[pick], images[pick].flip(-1)
+        code, code_positive = cfe(torch.cat([anchor, positive])).chunk(2)
+        loss, _ = contrastive_loss(code, code_positive, task[pick])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        seen.append(loss.item())
+    cfe.eval()
+    with torch.no_grad():
+        train_codes, codes = F.normalize(cfe(images), dim=1), F.normalize(cfe(held_out), dim=1)
+    centroids = F.normalize(torch.stack([train_codes[task == t].mean(0) for t in range(4)]), dim=1)
+    accuracy = ((codes @ centroids.T).argmax(1) == held_out_task).float().mean().item()
+    assert sum(seen[-30:]) / 30 < 0.5 * sum(seen[:30]) / 30, seen
+    assert accuracy >= 0.9, accuracy
 
 
 @pytest.mark.parametrize("backbone", ["restormer", "nafnet"])

@@ -391,7 +391,8 @@ def test_sigterm_to_the_process_group_with_loader_workers_writes_a_checkpoint_an
 
 
 def test_two_gloo_processes_match_one_process_and_log_the_mean_over_both(stage1, tmp_path):
-    common = [*map(str, restore_args(stage1, tmp_path, "--iters", 3, "--batch-size", 4))]
+    # With CFE's batch norm, whose statistics must span both processes' crops as they span one process's batch.
+    common = [*map(str, restore_args(stage1, tmp_path, "--iters", 3, "--batch-size", 4, "--cfe-batch-norm"))]
     single = [c if c != str(tmp_path) else str(tmp_path / "one") for c in common]
     double = [c if c != str(tmp_path) else str(tmp_path / "two") for c in common]
     env = subprocess_env()
