@@ -9,7 +9,8 @@ a feature modulated by two priors,
 What is in here:
 - `SemanticGuidance` (SGM, Eq. 5) and `build_sgm`: the frozen DINOv2 ViT-B/14 from timm (hub, a
   local file through `--dino-weights`, or a tiny random stand-in for tests and the offline demo).
-- `CFE`: Compact Feature Extraction (Fig. 4(b)), degraded image → Z ∈ R^128.
+- `CFE`: Compact Feature Extraction (Fig. 4(b)), degraded image → Z ∈ R^128; `CodeBatchNorm`, its optional
+  batch norm over the global batch (`--cfe-batch-norm`).
 - `PGM` (Eq. 6): Y_l = X_l^d ⊙ (1 + γ) + β with (γ, β) from concat(F_l, Z).
 - `PGCA` (Eq. 7-8): channel cross-attention, query from Y_l, key/value from X_l^d, residual + Y_l.
 - `GuidedMixer`: PGM then PGCA, the token mixer an ETB uses in place of MDTA.
@@ -176,8 +177,8 @@ class CodeBatchNorm(nn.BatchNorm2d):
         mean = stats[:channels] / count
         var = (stats[channels:2 * channels] / count - mean.square()).clamp_min(0)     # biased, as BN normalises
         with torch.no_grad():                                                        # running var: unbiased
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * count / (count - 1).clamp_min(1), self.momentum)
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / (count - 1).clamp_min(1), self.momentum)
             self.num_batches_tracked += 1
         scale = self.weight * torch.rsqrt(var + self.eps)
         return (y * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]).to(x.dtype)
