@@ -215,11 +215,11 @@ class CFE(nn.Module):
     # 256 → 256 → 128 MLP, the shape of AirNet's degradation encoder, which L_cl also trains.
     # UNSPECIFIED: whether the blocks normalise. By default they do not (the paper names no normalisation);
     # batch_norm=True (train.py --cfe-batch-norm) puts AirNet's batch norm after each conv (`CodeBatchNorm`,
-    # statistics of the global batch). Without it the codes of all crops start almost alike (cosine 0.998)
-    # and at the laptop preset's 4 crops a step L_cl never moved (0.91 over its first 600 steps, 0.92 over
-    # the last 600 of 6,000), so Z learnt no type but dark or not; with it L_cl fell to 0.12 and Z tells the
-    # types apart (README, "What Z learns"). Standardising only the pooled features (by running or batch
-    # statistics) left L_cl where it was over 700 steps of the laptop preset.
+    # statistics of the global batch). Without it the codes of all crops start almost alike (cosine 0.998),
+    # and at the laptop preset's 4 crops a step with the earlier haze and blur recipe (every synthetic image
+    # clearly degraded) L_cl never moved (0.91 → 0.92 over 6,000 steps); with it L_cl fell to 0.12 (README,
+    # "What Z learns"). With the recipe from none (degradations.py) L_cl trains without it (0.93 → 0.33).
+    # Standardising only the pooled features (by running or batch statistics) left L_cl where it was.
     Average pooling makes Z independent of the image size, so crops and whole images share it.
     """
 

@@ -141,7 +141,8 @@ def degradation_crops(n, generator):
 
 def test_l_cl_on_four_crops_a_step_teaches_the_cfe_to_tell_the_degradations_apart():
     # The laptop preset's regime: 4 crops a step, a second view of each image as its positive. (On the real
-    # training crops, without CodeBatchNorm, L_cl did not move in 6,000 steps: README, "What the model perceived".)
+    # training crops of the earlier haze and blur recipe, without CodeBatchNorm, L_cl did not move in 6,000
+    # steps: README, "What Z learns".)
     from losses import contrastive_loss
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
