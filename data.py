@@ -8,7 +8,8 @@ What is in here:
 - `read_image`, `write_image`: PNG, JPEG, WebP, GIF, BMP, TIFF, 8 or 16 bit, as RGB in [0, 1].
 - `scan_training_set`: finds each task (three layouts), pairs and checks every file before training.
 - `TrainDataset`: resampled flipped crops, L_cl's positive (Eq. 12), L_dpl's negatives (Eq. 11), the probe
-  of Eq. (10); `TripletDataset`: (I_d, I_m, I_g) of stage 1 (Eq. 1); `build_test_sets`: Tables II-V, IX, XIII.
+  of Eq. (10), decoded images optionally kept in memory (`--cache-mb`); `TripletDataset`: (I_d, I_m, I_g) of
+  stage 1 (Eq. 1); `build_test_sets`: Tables II-V, IX, XIII.
 - `one_pass`: the batches of one pass, a function of (seed, epoch), with workers that leave signals to train.py.
 - `python data.py --check ROOT`; no argument: a self-check. (The offline demo's data: `demo.py`.)
 
@@ -323,9 +324,12 @@ class TrainDataset(torch.utils.data.Dataset):
     N_q of Eq. (11) from `<dir>/<task>/<key>.png`, cropped alike, "negative_mask" (Q,), "task", "sigma",
     "stratum", "key". Randomness comes from (seed, epoch, index) only: the same in any worker or process."""
 
-    def __init__(self, samples, patch_size=128, negative_dirs=(), resample=None, sigmas=SIGMAS, seed=0):
+    def __init__(self, samples, patch_size=128, negative_dirs=(), resample=None, sigmas=SIGMAS, seed=0, cache_mb=0):
         self.samples, self.patch_size, self.sigmas = list(samples), patch_size, tuple(sigmas)
         self.negative_dirs, self.seed = [Path(d) for d in negative_dirs], seed
+        # Decoded images kept in memory, up to cache_mb MB per process (each loader worker has its own): a crop
+        # then costs no file decoding. 8-bit images are kept as uint8, exactly (k/255 → k → k/255), others as read.
+        self.cache, self.cache_bytes, self.cache_limit = {}, 0, cache_mb * 2 ** 20
         self.resample, self.padded = RESAMPLE if resample is None else resample, set()
         self._epoch = torch.zeros((), dtype=torch.long).share_memory_()   # seen by persistent workers
         # Sec. IV-A.4: each sample of task t appears resample[t] times per epoch (copies 0..r-1).
@@ -348,6 +352,21 @@ class TrainDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch):
         self._epoch.fill_(epoch)
 
+    def __getstate__(self):             # a spawned loader worker gets the dataset pickled: without the cache
+        return {**self.__dict__, "cache": {}, "cache_bytes": 0}
+
+    def read(self, path):
+        """read_image(path), from the cache when it holds it; the same float32 tensor either way."""
+        cached = self.cache.get(path)
+        if cached is not None:
+            return cached.float() / 255.0 if cached.dtype == torch.uint8 else cached.clone()
+        image = read_image(path)
+        if self.cache_bytes < self.cache_limit:                 # until the limit: a bounded, fill-once cache
+            byte = (image * 255.0).round().to(torch.uint8)
+            kept = byte if torch.equal(byte.float() / 255.0, image) else image     # 16 bit: float32, as read
+            self.cache[path], self.cache_bytes = kept, self.cache_bytes + kept.numel() * kept.element_size()
+        return image
+
     def __len__(self):
         return len(self.sample_index)
 
@@ -363,16 +382,16 @@ class TrainDataset(torch.utils.data.Dataset):
     def crop(self, sample_index, sigma, rng):
         """One training item of sample `sample_index`, noised at σ (clean images), drawn with `rng`."""
         sample, P = self.samples[sample_index], self.patch_size
-        target = read_image(sample.target_path)
+        target = self.read(sample.target_path)
         if sample.input_path is not None:
-            images = [read_image(sample.input_path), target]
+            images = [self.read(sample.input_path), target]
         else:               # noise comes below, on the crops; synthesized haze or blur on the whole image, here
             images = [target if noised(sample) else SYNTHESIS[sample.task](target, rng), target]
         _same_size(images[0], target, sample.input_path or sample.target_path, sample.target_path)
         mask = self.negative_mask[sample_index].tolist()
         for folder in (d for d, present in zip(self.negative_dirs, mask) if present):
             path = keyed_path(folder, sample.task, sample.key)
-            images.append(read_image(path))
+            images.append(self.read(path))
             _same_size(images[-1], target, path, sample.target_path)
         degraded, target, *negatives = _pad_to(images, P, sample.input_path or sample.target_path, self.padded)
         H, W = target.shape[-2:]

@@ -47,7 +47,7 @@ CENTROID_IMAGES = 256                             # training images per task beh
 # synthesized; random CLIP, DINOv2 without weight files: L_clip 10× lighter, L_dpl off; small crops, N and R 4×.
 LAPTOP = dict(out="runs/laptop", tasks="N+H+R+B+L", synthesize="H+B", backbone_config="laptop", medium_config="tiny",
               dino="auto", clip_model="auto", vgg="auto", lambda_clip=0.005, lambda_dpl=0, patch_size=64, workers=0,
-              batch_size=4, iters=6000, lr=1e-3, min_lr=1e-5, warmup=100, probe_size=4, stage1_images=48,
+              cache_mb=1024, batch_size=4, iters=6000, lr=1e-3, min_lr=1e-5, warmup=100, probe_size=4, stage1_images=48,
               resample="denoise=4,dehaze=1,derain=48,deblur=1,lowlight=24", medium_lr=1e-3, medium_iters=200,
               prompt_iters=400, prompt_batch_size=16, prompt_lr=5e-3, log_every=50, save_every=100, snapshot_every=0)
 PRESETS = {"paper": {}, "demo": demo.PRESET, "laptop": LAPTOP}     # the offline demo: demo.py
@@ -78,6 +78,7 @@ def get_args(argv=None):
     add("--sigmas", type=float, nargs="+", default=[15, 25, 50], help="training noise σ (Sec. IV-A.1)")
     add("--resample", default=None, help="task=ratio,... (Sec. IV-A.4: denoise=3,derain=120,deblur=5,lowlight=200)")
     add("--workers", type=int, default=4, help="data-loader workers per process")
+    add("--cache-mb", type=int, default=0, help="keep decoded training images in memory, up to this many MB")
     add("--synthesize", default="", help="tasks without training pairs (H, B) made from the clean denoising "
         "images: haze by atmospheric scattering, blur by camera shake (not the paper's; README)")
     # --- stage 1a: medium-quality images I_m (Sec. III-B) ---
@@ -87,8 +88,7 @@ def get_args(argv=None):
     add("--medium-weights", default=None, help="a released checkpoint of --medium-backbone both folds start from")
     add("--medium-config", default=None, help="stage-1a restorer's config (default: --backbone-config's)")
     add("--medium-iters", type=int, default=100_000, help="steps per fold (Sec. IV-A.4: 100K)")
-    add("--stage1-images", type=int, default=0, help="stage 1 on at most N images per task, evenly spread; "
-        "0 = all (the paper)")
+    add("--stage1-images", type=int, default=0, help="stage 1 on ≤ N images per task, evenly spread; 0 = all (paper)")
     add("--medium-lr", type=float, default=2e-4, help="Sec. IV-A.4: 2e-4")
     # --- stage 1b: prompts (Sec. III-B, Eq. 1, Table XII) ---
     add("--clip-model", choices=sorted(clip_prompts.CLIP_CONFIGS) + ["auto"], default="ViT-B-32",
@@ -170,9 +170,9 @@ def check_args(args):
     positive = ("batch_size", "prompt_batch_size", "iters", "medium_iters", "prompt_iters", "probe_size",
                 "prompt_crops", "log_every", "save_every", "lr", "medium_lr", "prompt_lr", "tau")
     problems = [f"--{n.replace('_', '-')} {getattr(args, n)}: must be {'> 0' if n in positive else '≥ 0'}"
-                for n in positive + ("workers", "stage1_images", "weight_decay", "keep", "snapshot_every", "warmup",
-                                     "epoch_iters", "stop_after", "grad_clip", "lambda_cl", "lambda_clip", "lambda_dpl",
-                                     "dpl_lambda")
+                for n in positive + ("workers", "cache_mb", "stage1_images", "weight_decay", "keep", "snapshot_every",
+                                     "warmup", "epoch_iters", "stop_after", "grad_clip", "lambda_cl", "lambda_clip",
+                                     "lambda_dpl", "dpl_lambda")
                 if getattr(args, n) < 0 or (n in positive and getattr(args, n) == 0)]
     if args.patch_size < multiple or args.patch_size % multiple:      # Restormer: 8, NAFNet: 16
         problems.append(f"--patch-size {args.patch_size}: the networks downsample by {multiple}; use a multiple")
@@ -404,7 +404,7 @@ def run_medium(args, run, samples, resume):
     rounds, entries = clip_prompts.cross_validation_rounds(samples), []              # 2 folds, each trained on one half
     for cv, other in zip(rounds, rounds[::-1]):           # model a restores fold b, model b fold a
         dataset = data.TrainDataset(cv["train"], args.patch_size, resample=data.parse_resample(args.resample),
-                                    sigmas=args.sigmas, seed=args.seed)     # fold checkpoints beside the images:
+                                    sigmas=args.sigmas, seed=args.seed, cache_mb=args.cache_mb)   # folds beside I_m:
         model, _ = fit(args, run, f"medium-{cv['model']}", medium_network(args),
                        medium_step(args.medium_backbone, args.medium_iters), dataset, args.medium_iters,
                        args.medium_lr, args.batch_size, images_dir.parent / f"fold_{cv['model']}", resume)
@@ -499,7 +499,7 @@ def run_restore(args, run, samples, frozen, resume):
                          "--stage medium first, pass --medium-dir, or --no-medium-negative")
     try:                                                   # a negatives folder that covers no image: one line
         dataset = data.TrainDataset(samples, args.patch_size, folders, data.parse_resample(args.resample), args.sigmas,
-                                    seed=args.seed)
+                                    seed=args.seed, cache_mb=args.cache_mb)
     except ValueError as error:
         raise SystemExit(f"train.py: {error}") from None
     names = ["I_m"] * args.medium_negative + [f"{len(args.negatives)} proxy folder(s)"] * bool(args.negatives)

@@ -8,6 +8,7 @@
     python tests/benchmark.py --gpu [--json FILE]  # on a GPU (< 8 minutes): the demo in fp32, bf16, bf16 + compile;
                                                    # the paper step's time and memory; DDP on two GPUs if present
     python tests/benchmark.py --gpu --device cpu --quick   # the --gpu code end to end on a CPU: a smoke run only
+    python tests/benchmark.py --loading DATA_ROOT  # the laptop preset's data loading, files vs --cache-mb (~1 min)
 
 Every row is measured in the same run on the same machine, so the ratios compare like with like.
 The steps timed are train.py's own (`train_step` around `l1_step` or `restore_step`), not copies of them,
@@ -287,20 +288,45 @@ def probe_in_subprocess(height, width, tile, device):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def loading_rate(seconds=4.0, patch_size=128):
-    """Training patches per second in one process with one thread, i.e. per DataLoader worker."""
+def items_per_second(dataset, seconds):
+    """Items of `dataset` per second, in a fixed random order, in this process with one thread (one worker)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    order, count, start = np.random.default_rng(0).permutation(len(dataset)), 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        dataset[int(order[count % len(order)])]
+        count += 1
+    torch.set_num_threads(threads)
+    return count / (time.perf_counter() - start)
+
+
+def loading_rate(seconds=4.0, patch_size=128):
+    """Training patches per second in one process with one thread, i.e. per DataLoader worker."""
     with tempfile.TemporaryDirectory() as tmp:
         samples = data.scan_training_set(demo.make_demo_data(Path(tmp) / "demo"), data.TASKS)[0]
-        dataset = data.TrainDataset(samples, patch_size, resample={t: 1 for t in data.TASKS})
-        order, count, start = np.random.default_rng(0).permutation(len(dataset)), 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            dataset[int(order[count % len(order)])]
-            count += 1
-        rate = count / (time.perf_counter() - start)
-    torch.set_num_threads(threads)
-    return rate
+        return items_per_second(data.TrainDataset(samples, patch_size, resample={t: 1 for t in data.TASKS}), seconds)
+
+
+def laptop_loading(root, seconds=20.0):
+    """The laptop preset's training items on real data (train.LAPTOP: tasks, synthesis, crops, resampling),
+    read from the files and from `--cache-mb` filled beforehand (as after a run's first sightings)."""
+    preset = train.LAPTOP
+    samples = data.scan_training_set(root, data.parse_tasks(preset["tasks"]),
+                                     synthesize=data.parse_tasks(preset["synthesize"]))[0]
+    rates = {}
+    for cache_mb in (0, preset["cache_mb"]):
+        dataset = data.TrainDataset(samples, preset["patch_size"], resample=data.parse_resample(preset["resample"]),
+                                    cache_mb=cache_mb)
+        for sample in samples if cache_mb else ():
+            dataset.read(sample.target_path), sample.input_path and dataset.read(sample.input_path)
+        rates[cache_mb] = items_per_second(dataset, seconds)
+    files, cached = rates.values()
+    print(f"laptop preset's training items ({root}; {preset['patch_size']}² crops, one thread): from the files "
+          f"{files:.0f}/s, from the cache {cached:.0f}/s ({cached / files:.1f}x; the cache holds "
+          f"{dataset.cache_bytes / 2 ** 20:.0f} MB of --cache-mb {preset['cache_mb']}); a step of batch "
+          f"{preset['batch_size']} spends {preset['batch_size'] / files * 1000:.0f} ms vs "
+          f"{preset['batch_size'] / cached * 1000:.0f} ms reading its crops")
+    return rates
 
 
 def profile(restorer, size, device, repeats=3):
@@ -576,6 +602,8 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=256, help="--profile: image side for latency and memory")
     parser.add_argument("--memory", action="store_true", help="GPU memory counted on fake tensors (no GPU needed)")
     parser.add_argument("--gpu", action="store_true", help="the GPU measurements: demo, paper step, DDP")
+    parser.add_argument("--loading", metavar="DATA_ROOT", help="the laptop preset's data loading on real data: "
+                        "files vs --cache-mb")
     parser.add_argument("--json", default="benchmark_gpu.json", help="--gpu: where the results are written")
     parser.add_argument("--memory-probe", type=int, nargs=2, metavar=("H", "W"), help=argparse.SUPPRESS)
     parser.add_argument("--tile", type=int, default=0, help=argparse.SUPPRESS)
@@ -591,6 +619,8 @@ def main(argv=None):
         return memory_report()
     if args.gpu:
         return gpu_report(args, device)
+    if args.loading:
+        return laptop_loading(args.loading)
     bench(args, device)
 
 

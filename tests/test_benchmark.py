@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import benchmark
+import demo
 import train
 
 
@@ -54,3 +55,12 @@ def test_the_gpu_report_reads_each_task_gain_from_the_demo_report():
               "  lowlight (demo)                              7.59 ->  16.64   10/10 right\n"
               "  mean gain over the inputs: +1.20 dB (tiny random networks)\n")
     assert benchmark.demo_gains(report) == pytest.approx({"denoise": 1.75, "lowlight": 9.05})
+
+
+def test_the_laptop_loading_row_reads_the_preset_data_from_files_and_from_a_full_cache(tmp_path, capsys):
+    """`benchmark.py --loading DATA`: both rates measured on the preset's own dataset, the cache filled first."""
+    root = demo.make_demo_data(tmp_path / "demo", seed=0)
+    rates = benchmark.laptop_loading(root, seconds=0.2)
+    assert list(rates) == [0, train.LAPTOP["cache_mb"]] and min(rates.values()) > 0
+    line = capsys.readouterr().out
+    assert "from the files" in line and "from the cache" in line and " 0 MB" not in line

@@ -2,6 +2,7 @@
 test protocols, bad input, and the built-in demo degradations."""
 
 import math
+import pickle
 import re
 import warnings
 
@@ -230,6 +231,48 @@ def test_augmentation_is_reproducible_and_differs_per_epoch_index_and_seed_even_
         assert all(torch.equal(batch["degraded"][i], expected[i]) for i in range(3))
     assert batch["degraded"].shape == (3, 3, 16, 16) and batch["negatives"].shape == (3, 0, 3, 16, 16)
     assert batch["sigma"].dtype == torch.float32 and batch["task"].dtype == torch.long
+
+
+def test_image_cache_gives_the_same_items_without_the_files_and_stops_at_its_limit(tmp_path):
+    """--cache-mb: items are bit-identical to uncached ones (8-bit kept as uint8, 16-bit as float32), later
+    reads need no file, and the cache never grows past its limit (the rest is read from disk)."""
+    save(tmp_path / "train/derain/S/input/a.png", coded_image(40, 50, offset=7))
+    save(tmp_path / "train/derain/S/target/a.png", coded_image(40, 50))
+    wide = (np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 31)                # 16 bit, grayscale
+    save(tmp_path / "train/denoise/S/w.png", wide)
+    save(tmp_path / "train/deblur/S/input/b.png", coded_image(40, 50, offset=3))
+    save(tmp_path / "train/deblur/S/target/b.png", coded_image(40, 50, offset=1))
+    samples, _ = scan_training_set(tmp_path, ("denoise", "derain", "deblur"))
+    ratios = {"denoise": 3, "derain": 2, "deblur": 1}                             # 3 σ, 2 copies, 1
+    plain, cached = TrainDataset(samples, 16, resample=ratios, seed=3), TrainDataset(samples, 16, resample=ratios,
+                                                                                     seed=3, cache_mb=1)
+    items = {}
+    for epoch in (0, 1):                                  # the uncached items of two epochs, from the files
+        plain.set_epoch(epoch)
+        items[epoch] = [plain[i] for i in range(len(plain))]
+    first = [cached[i] for i in range(len(cached))]       # epoch 0 fills the cache
+    kinds = sorted(str(image.dtype) for image in cached.cache.values())
+    assert kinds == ["torch.float32"] + ["torch.uint8"] * 4                        # the 16-bit image stays float
+    assert cached.cache_bytes == 4 * 3 * 40 * 50 + 3 * 40 * 50 * 4
+    for path in tmp_path.rglob("*.png"):                                           # every later read: the cache
+        path.unlink()
+    cached.set_epoch(1)
+    later = [cached[i] for i in range(len(cached))]
+    for want, got in zip(items[0] + items[1], first + later):
+        assert all(torch.equal(want[k], got[k]) for k in ("degraded", "positive", "target"))
+    assert len(first + later) == 2 * len(plain) == 2 * 6
+    with pytest.raises(ValueError, match="cannot read image"):                     # uncached: the files are gone
+        plain[0]
+    copy = pickle.loads(pickle.dumps(cached))                # what a spawned worker gets: no cache, no files
+    assert copy.cache == {} and copy.cache_bytes == 0 and cached.cache_bytes > 0
+    with pytest.raises(ValueError, match="cannot read image"):
+        copy[0]
+    # A limit below one image: the first image read fills it, no more are kept.
+    save(tmp_path / "train/derain/S/input/a.png", coded_image(40, 50, offset=7))
+    save(tmp_path / "train/derain/S/target/a.png", coded_image(40, 50))
+    small = TrainDataset(scan_training_set(tmp_path, ("derain",))[0], 16, cache_mb=1e-4)
+    small[0]
+    assert len(small.cache) == 1 and small.cache_bytes == 3 * 40 * 50
 
 
 def test_images_smaller_than_the_patch_are_reflect_padded_with_one_warning_naming_the_file(tmp_path):
