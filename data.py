@@ -361,10 +361,12 @@ class TrainDataset(torch.utils.data.Dataset):
         if cached is not None:
             return cached.float() / 255.0 if cached.dtype == torch.uint8 else cached.clone()
         image = read_image(path)
-        if self.cache_bytes < self.cache_limit:                 # until the limit: a bounded, fill-once cache
+        if self.cache_bytes < self.cache_limit:                 # a bounded, fill-once cache; never past its limit
             byte = (image * 255.0).round().to(torch.uint8)
-            kept = byte if torch.equal(byte.float() / 255.0, image) else image     # 16 bit: float32, as read
-            self.cache[path], self.cache_bytes = kept, self.cache_bytes + kept.numel() * kept.element_size()
+            kept = byte if torch.equal(byte.float() / 255.0, image) else image.clone()   # 16 bit: float32, as read
+            size = kept.numel() * kept.element_size()
+            if self.cache_bytes + size <= self.cache_limit:
+                self.cache[path], self.cache_bytes = kept, self.cache_bytes + size
         return image
 
     def __len__(self):

@@ -235,7 +235,7 @@ def test_augmentation_is_reproducible_and_differs_per_epoch_index_and_seed_even_
 
 def test_image_cache_gives_the_same_items_without_the_files_and_stops_at_its_limit(tmp_path):
     """--cache-mb: items are bit-identical to uncached ones (8-bit kept as uint8, 16-bit as float32), later
-    reads need no file, and the cache never grows past its limit (the rest is read from disk)."""
+    reads need no file, and the cache never grows past its limit (the rest is read from the files)."""
     save(tmp_path / "train/derain/S/input/a.png", coded_image(40, 50, offset=7))
     save(tmp_path / "train/derain/S/target/a.png", coded_image(40, 50))
     wide = (np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 31)                # 16 bit, grayscale
@@ -267,10 +267,10 @@ def test_image_cache_gives_the_same_items_without_the_files_and_stops_at_its_lim
     assert copy.cache == {} and copy.cache_bytes == 0 and cached.cache_bytes > 0
     with pytest.raises(ValueError, match="cannot read image"):
         copy[0]
-    # A limit below one image: the first image read fills it, no more are kept.
+    # A limit of one and a half images: the first image read is kept, the second would pass the limit.
     save(tmp_path / "train/derain/S/input/a.png", coded_image(40, 50, offset=7))
     save(tmp_path / "train/derain/S/target/a.png", coded_image(40, 50))
-    small = TrainDataset(scan_training_set(tmp_path, ("derain",))[0], 16, cache_mb=1e-4)
+    small = TrainDataset(scan_training_set(tmp_path, ("derain",))[0], 16, cache_mb=1.5 * 3 * 40 * 50 / 2 ** 20)
     small[0]
     assert len(small.cache) == 1 and small.cache_bytes == 3 * 40 * 50
 
