@@ -218,7 +218,9 @@ class CFE(nn.Module):
     # statistics of the global batch). Without it the codes of all crops start almost alike (cosine 0.998),
     # and at the laptop preset's 4 crops a step with the earlier haze and blur recipe (every synthetic image
     # clearly degraded) L_cl never moved (0.91 → 0.92 over 6,000 steps); with it L_cl fell to 0.12 (README,
-    # "What Z learns"). With the recipe from none (degradations.py) L_cl trains without it (0.93 → 0.33).
+    # "What Z learns"). With the recipe from none (degradations.py) L_cl trained without it in one run (0.93 →
+    # 0.33, the shipped weights, one thread) but not in the same command with two threads (0.92 → 0.82) nor
+    # with other task shares (0.95 → 1.10): at 4 crops a step, whether the codes part depends on the run.
     # Standardising only the pooled features (by running or batch statistics) left L_cl where it was.
     Average pooling makes Z independent of the image size, so crops and whole images share it.
     """
@@ -452,13 +454,16 @@ def restore_image(model, sgm, degraded, tile=None, overlap=32, prior_size=1024, 
 # --- What the model perceives: the degradation code Z against per-task centroids -----------------------------------
 
 @torch.no_grad()
-def degradation_centroids(model, images, prior_size=1024):
+def degradation_centroids(model, images, prior_size=1024, report=None):
     """Per-task centroids of Z, the "type" half of what Perceive-IR perceives (Sec. III-C.2).
 
     `images` yields (task, I_d (3, H, W)) of training images, seen as a query is seen (whole,
     through `prior_view`). Returns {"tasks", "centroids" (T, 128) unit vectors, "threshold",
-    "prior_size"}: threshold is the 5th percentile of the training images' cosine similarities to
-    their own task's centroid; a query below it resembles no task seen in training.
+    "right", "prior_size"}: threshold is the 5th percentile of the training images' cosine similarities to
+    their own task's centroid; a query below it resembles no task seen in training. "right" is the share of
+    these images whose nearest centroid is their own task's: near chance (1/T), Z has not learnt the tasks
+    apart, as when L_cl does not train. `report` (e.g. print) gets one line with the count, and a warning when
+    the share is closer to chance than to all.
     """
     codes = {}
     for task, image in images:
@@ -467,8 +472,14 @@ def degradation_centroids(model, images, prior_size=1024):
     tasks = list(codes)
     centroids = torch.stack([F.normalize(torch.stack(codes[t]).mean(0), dim=0) for t in tasks])   # (T, 128)
     own = torch.cat([torch.stack(codes[t]) @ centroids[i] for i, t in enumerate(tasks)])          # (N,)
+    right = sum(int(((torch.stack(codes[t]) @ centroids.T).argmax(1) == i).sum()) for i, t in enumerate(tasks))
+    share, chance = right / len(own), 1 / len(tasks)
+    if report is not None:                 # closer to chance than to every image right: say what that means
+        report(f"centroids of Z: the nearest one names the task of {right} of {len(own)} training images "
+               f"({share:.0%}; chance {chance:.0%})" + ("" if share >= (1 + chance) / 2 else
+               "; Z hardly tells the tasks apart: did L_cl fall (loss_cl in log.jsonl)? --cfe-batch-norm helps it"))
     return {"tasks": tasks, "centroids": centroids.cpu(), "threshold": torch.quantile(own, 0.05).item(),
-            "prior_size": prior_size}
+            "right": share, "prior_size": prior_size}
 
 
 @torch.no_grad()

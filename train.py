@@ -511,11 +511,11 @@ def run_restore(args, run, samples, frozen, resume):
     step_fn = partial(restore_step, sgm=sgm, criterion=criterion, use_cl=use_cl, strata=dataset.strata,
                       uses_dino=model.guided and model.use_dino)
     probe = dataset.probe(args.probe_size, args.seed) if criterion.use_dpl else None   # Eq. (10): L_dpl only
-    # At the end: per-task centroids of Z on whole training images (at most CENTROID_IMAGES per task,
-    # evenly spread), stored in the checkpoint for evaluate.py's report of what the model perceives.
+    # At the end: per-task centroids of Z on whole training images (at most CENTROID_IMAGES per task, evenly
+    # spread), for evaluate.py's report of what the model perceives; one line says how many Z names right.
     chosen = data.spread(samples, CENTROID_IMAGES)
     centroids = (lambda net: {"centroids": degradation_centroids(net, ((s.task, data.load_pair(s, args.sigmas)[0])
-                                                                       for s in chosen))})
+                                                                       for s in chosen), report=run.print0)})
     return fit(args, run, "restore", model, step_fn, dataset, args.iters, args.lr, args.batch_size,
                Path(args.out) / "restore", resume,
                epoch_fn=(lambda net: losses.average_psnr(partial(restore_image, net, sgm), probe, run.device))

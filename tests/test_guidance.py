@@ -379,6 +379,29 @@ def test_steering_turns_z_to_a_task_centroid_keeping_its_length_and_changes_the_
         assert torch.allclose(own, restore_image(model, sgm, images[:1]), atol=1e-5)
 
 
+def test_the_centroids_count_the_training_images_z_tells_apart_and_say_so_near_chance(sgm):
+    # After training, train.py prints how many of the centroids' own images Z names right: a run whose L_cl
+    # never trained (codes that all point one way) is then visible at once, not only in a later report.
+    model = tiny_model(sgm).eval()
+    tasks = {"denoise": lambda g: (g + 0.3 * torch.randn(g.shape, generator=torch.Generator().manual_seed(7))),
+             "lowlight": lambda g: 0.1 * g}
+    clean = [torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    images = [(task, make(image).clamp(0, 1)) for task, make in tasks.items() for image in clean]
+    lines = []
+    found = degradation_centroids(model, iter(images), report=lines.append)
+    with torch.no_grad():
+        codes = F.normalize(torch.stack([model.cfe(image[None])[0] for _, image in images]), dim=1)
+    named = (codes @ found["centroids"].T).argmax(1).tolist()
+    right = sum(n == ["denoise", "lowlight"].index(task) for n, (task, _) in zip(named, images))
+    assert found["right"] == right / 12 and f"names the task of {right} of 12 training images" in lines[0]
+    assert right >= 10 and "hardly" not in lines[0]           # noisy against dark: even random weights see it
+    with torch.no_grad():                                     # a collapsed CFE: every Z the same vector
+        model.cfe.mlp[-1].weight.zero_()
+    collapsed = degradation_centroids(model, iter(images), report=lines.append)
+    assert collapsed["right"] == 0.5                           # one centroid wins every image: chance
+    assert "(50%; chance 50%); Z hardly tells the tasks apart" in lines[1] and "--cfe-batch-norm" in lines[1]
+
+
 def test_perception_reports_the_nearest_task_centroid_of_z_and_flags_an_unfamiliar_image(sgm):
     model = tiny_model(sgm).eval()
     noise = torch.Generator().manual_seed(0)
