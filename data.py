@@ -361,7 +361,7 @@ class TrainDataset(torch.utils.data.Dataset):
         if cached is not None:
             return cached.float() / 255.0 if cached.dtype == torch.uint8 else cached.clone()
         image = read_image(path)
-        if self.cache_bytes < self.cache_limit:                 # a bounded, fill-once cache; never past its limit
+        if self.cache_bytes + image.numel() <= self.cache_limit:   # fits as uint8 at least: bounded, fill-once
             byte = (image * 255.0).round().to(torch.uint8)
             kept = byte if torch.equal(byte.float() / 255.0, image) else image.clone()   # 16 bit: float32, as read
             size = kept.numel() * kept.element_size()

@@ -469,10 +469,11 @@ def degradation_centroids(model, images, prior_size=1024, report=None):
     for task, image in images:
         code = model.degradation_code(prior_view(image[None].to(next(model.parameters()).device), prior_size))
         codes.setdefault(task, []).append(F.normalize(code, dim=-1)[0])                  # Z/‖Z‖ (128,)
-    tasks = list(codes)
-    centroids = torch.stack([F.normalize(torch.stack(codes[t]).mean(0), dim=0) for t in tasks])   # (T, 128)
-    own = torch.cat([torch.stack(codes[t]) @ centroids[i] for i, t in enumerate(tasks)])          # (N,)
-    right = sum(int(((torch.stack(codes[t]) @ centroids.T).argmax(1) == i).sum()) for i, t in enumerate(tasks))
+    tasks, codes = list(codes), [torch.stack(c) for c in codes.values()]                       # (N_t, 128) each
+    centroids = torch.stack([F.normalize(c.mean(0), dim=0) for c in codes])                      # (T, 128)
+    similarity = [c @ centroids.T for c in codes]                                                # (N_t, T) each
+    own = torch.cat([s[:, i] for i, s in enumerate(similarity)])                                 # (N,)
+    right = sum(int((s.argmax(1) == i).sum()) for i, s in enumerate(similarity))
     share, chance = right / len(own), 1 / len(tasks)
     if report is not None:                 # closer to chance than to every image right: say what that means
         report(f"centroids of Z: the nearest one names the task of {right} of {len(own)} training images "
