@@ -133,8 +133,11 @@ def init_weights(model, args, architecture):
     checkpoint = load_checkpoint(args.init, "--init")
     if checkpoint["stage"] != "restore":
         raise SystemExit(f"--init {args.init}: a {checkpoint['stage']} checkpoint; fine-tunes start from a restore one")
-    other = [f"--{key.replace('_', '-')} {checkpoint['args'].get(key, default)} there, {getattr(args, key)} here"
-             for key, default in architecture.items() if checkpoint["args"].get(key, default) != getattr(args, key)]
+    theirs = dict(checkpoint["args"])
+    if theirs.get("cfe_batch_norm") and "cfe_norm" not in theirs:      # written before --cfe-norm replaced the flag
+        theirs["cfe_norm"] = "batch"
+    other = [f"--{key.replace('_', '-')} {theirs.get(key, default)} there, {getattr(args, key)} here"
+             for key, default in architecture.items() if theirs.get(key, default) != getattr(args, key)]
     if other:
         raise SystemExit(f"--init {args.init}: another network ({'; '.join(other)}); pass the same settings")
     model.load_state_dict(checkpoint["model"])

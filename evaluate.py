@@ -47,9 +47,10 @@ class Restorer:
     """A trained Perceive-IR rebuilt from its checkpoint's own args, with its frozen DINOv2;
     `restorer(degraded)` restores a (B, 3, H, W) batch in [0, 1] (guidance.restore_image)."""
 
-    def __init__(self, model, sgm, config, tile=None, overlap=32, prior_size=1024, centroids=None):
+    def __init__(self, model, sgm, config, tile=None, overlap=32, prior_size=1024, centroids=None, code_crop=0):
         self.model, self.sgm, self.config, self.centroids = model.eval(), sgm, config, centroids
         self.tile, self.overlap, self.prior_size, self.images = tile or None, overlap, prior_size, 0
+        self.code_crop = code_crop                # CFE on tiles of this size, Z their mean (guidance.image_code)
         self.as_task = None                       # --as-task: restore as if Z had perceived this task
 
     def steer(self, task):
@@ -83,17 +84,22 @@ class Restorer:
         sgm = None                                                                # no DINOv2 for the unguided ablations
         if model.guided and model.use_dino:
             sgm = build_sgm(config["dino"], dino_weights or config.get("dino_weights")).to(device)
-        return cls(model.to(device), sgm, config, centroids=checkpoint.get("centroids"), **options)
+        centroids = checkpoint.get("centroids")
+        if options.get("code_crop") is None:              # Z seen as the centroids saw it (0: whole images)
+            options["code_crop"] = (centroids or {}).get("code_crop", 0)
+        return cls(model.to(device), sgm, config, centroids=centroids, **options)
 
     @property
     def protocol(self):
-        return f"tiled {self.tile}, overlap {self.overlap}" if self.tile else "whole images"
+        code = f"; Z from {self.code_crop} px tiles" if self.code_crop and self.model.guided else ""
+        return (f"tiled {self.tile}, overlap {self.overlap}" if self.tile else "whole images") + code
 
     def __call__(self, degraded):
         self.images += len(degraded)                         # images restored by this process
         steer = self.centroids["centroids"][self.centroids["tasks"].index(self.as_task)] if self.as_task else None
         # (a unit vector: restore_image keeps each image's ‖Z‖ and takes only the centroid's direction)
-        return restore_image(self.model, self.sgm, degraded, self.tile, self.overlap, self.prior_size, steer)
+        return restore_image(self.model, self.sgm, degraded, self.tile, self.overlap, self.prior_size, steer,
+                             self.code_crop)
 
 
 def auto_layout(tasks, sigmas):
@@ -354,6 +360,8 @@ def get_args(argv=None):
         "given (the paper's protocol); --input uses 512 unless given; 0 = whole")
     add("--tile-overlap", type=int, default=32, help="overlap between tiles, blended linearly")
     add("--prior-size", type=int, default=1024, help="CFE sees the whole image, resized above this long side")
+    add("--code-crop", type=int, default=None, help="Z: the mean of CFE's codes of tiles of this size, 0 = of the "
+        "whole image (default: as the checkpoint's centroids of Z were computed, else 0)")
     add("--dino-weights", help="local DINOv2 weights (default: those the checkpoint was trained with)")
     add("--as-task", choices=data.TASKS, help="restore as if every image were perceived as this task: Z turned to "
         "its training centroid, its length kept (your photo's known degradation, or does Z steer the restoration?)")
@@ -366,7 +374,8 @@ def get_args(argv=None):
         output_folder(getattr(args, flag), "--" + flag.replace("_", "-"))
     numbers = ((args.tile or 0) < 0, "--tile must be ≥ 0 (0 = whole images)"), \
         (not 0 <= args.tile_overlap < (args.tile or 512), "--tile-overlap must be ≥ 0 and below --tile"), \
-        (args.prior_size <= 0, "--prior-size must be > 0"), (args.crop_multiple < 0, "--crop-multiple must be ≥ 0"), \
+        (args.prior_size <= 0, "--prior-size must be > 0"), ((args.code_crop or 0) < 0, "--code-crop must be ≥ 0"), \
+        (args.crop_multiple < 0, "--crop-multiple must be ≥ 0"), \
         (min(args.sigmas) <= 0, "--sigmas must be > 0")
     for wrong, message in (*numbers, (args.pred and args.checkpoint, "--pred scores restored images, --checkpoint "
                             "restores: pass one of them"), (args.target and not args.pred, "--target goes with --pred"),
@@ -470,7 +479,7 @@ def main(args):
                        f"{SHIPPED_WEIGHTS.relative_to(Path(__file__).resolve().parent)} (train.py --preset laptop: an "
                        "hour on 2 CPU cores, README)")
         restorer = Restorer.from_checkpoint(args.checkpoint, run.device, args.dino_weights, overlap=args.tile_overlap,
-                                            prior_size=args.prior_size)
+                                            prior_size=args.prior_size, code_crop=args.code_crop)
         restorer.steer(args.as_task)
         if args.input:                                        # your own images: tiles above 512 px by default
             restorer.tile = 512 if args.tile is None else args.tile or None

@@ -9,8 +9,8 @@ a feature modulated by two priors,
 What is in here:
 - `SemanticGuidance` (SGM, Eq. 5) and `build_sgm`: the frozen DINOv2 ViT-B/14 from timm (hub, a
   local file through `--dino-weights`, or a tiny random stand-in for tests and the offline demo).
-- `CFE`: Compact Feature Extraction (Fig. 4(b)), degraded image → Z ∈ R^128; `CodeBatchNorm`, its optional
-  batch norm over the global batch (`--cfe-batch-norm`).
+- `CFE`: Compact Feature Extraction (Fig. 4(b)), degraded image → Z ∈ R^128, optionally normalised (`--cfe-norm`):
+  each image's own statistics, or `CodeBatchNorm`, batch norm over the global batch.
 - `PGM` (Eq. 6): Y_l = X_l^d ⊙ (1 + γ) + β with (γ, β) from concat(F_l, Z).
 - `PGCA` (Eq. 7-8): channel cross-attention, query from Y_l, key/value from X_l^d, residual + Y_l.
 - `GuidedMixer`: PGM then PGCA, the token mixer an ETB uses in place of MDTA.
@@ -184,23 +184,30 @@ class CodeBatchNorm(nn.BatchNorm2d):
         return (y * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]).to(x.dtype)
 
 
+CFE_NORMS = ("none", "batch", "instance")      # train.py --cfe-norm
+
+
 class ResidualBlock(nn.Module):
-    """conv3×3 → LeakyReLU → conv3×3, plus a (strided 1×1) shortcut, then LeakyReLU; with batch_norm, a
-    CodeBatchNorm after each conv, as in AirNet's degradation encoder."""
+    """conv3×3 → LeakyReLU → conv3×3, plus a (strided 1×1) shortcut, then LeakyReLU. norm "batch": a
+    CodeBatchNorm after each conv, shortcut too, as in AirNet's degradation encoder; "instance": each image's
+    own statistics (GroupNorm with a group per channel) after the two body convs, the shortcut left as it is."""
 
-    def __init__(self, in_channels, out_channels, stride=1, batch_norm=False):
+    def __init__(self, in_channels, out_channels, stride=1, norm="none"):
         super().__init__()
-        def norm():                                          # none: the module keys of earlier checkpoints
-            return [CodeBatchNorm(out_channels)] if batch_norm else []
+        def normalise():                                     # none: the module keys of earlier checkpoints
+            return {"none": [], "batch": [CodeBatchNorm(out_channels)],
+                    "instance": [nn.GroupNorm(out_channels, out_channels)]}[norm]
 
-        bias = not batch_norm                                # a bias before batch norm cancels: gradient 0
+        bias = norm == "none"                                # a bias before a norm cancels: gradient 0
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias), *norm(),
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias), *normalise(),
             nn.LeakyReLU(0.1, inplace=True),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias), *norm())
-        shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=bias)
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias), *normalise())
+        # Instance norm takes each image's level and contrast out of the body; the unnormalised shortcut (with
+        # its bias) still carries them to Z, so a dark or hazy crop stays apart from a clean one.
+        shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=norm != "batch")
         self.shortcut = (nn.Identity() if stride == 1 and in_channels == out_channels
-                         else nn.Sequential(shortcut, CodeBatchNorm(out_channels)) if batch_norm else shortcut)
+                         else nn.Sequential(shortcut, CodeBatchNorm(out_channels)) if norm == "batch" else shortcut)
 
     def forward(self, x):
         return F.leaky_relu(self.body(x) + self.shortcut(x), 0.1)
@@ -213,24 +220,28 @@ class CFE(nn.Module):
     # UNSPECIFIED: the paper gives no widths or depths; we use a stem conv and three residual
     # blocks of 64, 128, 256 channels (the last two strided), global average pooling and a
     # 256 → 256 → 128 MLP, the shape of AirNet's degradation encoder, which L_cl also trains.
-    # UNSPECIFIED: whether the blocks normalise. By default they do not (the paper names no normalisation);
-    # batch_norm=True (train.py --cfe-batch-norm) puts AirNet's batch norm after each conv (`CodeBatchNorm`,
-    # statistics of the global batch). Without it the codes of all crops start almost alike (cosine 0.998),
-    # and at the laptop preset's 4 crops a step with the earlier haze and blur recipe (every synthetic image
-    # clearly degraded) L_cl never moved (0.91 → 0.92 over 6,000 steps); with it L_cl fell to 0.12 (README,
-    # "What Z learns"). With the recipe from none (degradations.py) L_cl trained without it in one run (0.93 →
-    # 0.33, the shipped weights, one thread) but not in the same command with two threads (0.92 → 0.82) nor
-    # with other task shares (0.95 → 1.10): at 4 crops a step, whether the codes part depends on the run.
-    # Standardising only the pooled features (by running or batch statistics) left L_cl where it was.
-    Average pooling makes Z independent of the image size, so crops and whole images share it.
+    # UNSPECIFIED: whether the blocks normalise. By default they do not (the paper names no normalisation).
+    # norm="batch" (train.py --cfe-norm batch) puts AirNet's batch norm after each conv (`CodeBatchNorm`,
+    # statistics of the global batch); norm="instance" normalises each image's feature maps by their own
+    # statistics, per channel, after the two convs of each block's body (the shortcut carries the level).
+    # Without a norm the codes of all crops start almost alike (cosine 0.998), and at the laptop preset's
+    # 4 crops a step L_cl trained in one preset run of three (0.93 → 0.33, the shipped weights; 0.92 → 0.82
+    # and 0.95 → 1.10 in the others). CFE alone, trained by L_cl alone on the preset's real crops, 500 steps:
+    # no norm 0.92 → 0.96, instance norm 0.72 → 0.21 (tests/test_laptop.py). Batch norm trains too, but a code
+    # then depends on the other crops of the batch in training and on running statistics in eval; instance
+    # norm gives every image the same code in both (README, "What Z learns").
+    Average pooling makes Z's shape independent of the image size, so crops and whole images share CFE; the
+    value can differ between an image and its crops, most with instance norm (`image_code`).
     """
 
-    def __init__(self, channels=(64, 128, 256), code_dim=CODE_DIM, batch_norm=False):
+    def __init__(self, channels=(64, 128, 256), code_dim=CODE_DIM, norm="none"):
         super().__init__()
+        if norm not in CFE_NORMS:
+            raise ValueError(f"CFE norm {norm!r}: choose one of {', '.join(CFE_NORMS)}")
         c1, c2, c3 = channels
         self.features = nn.Sequential(
-            nn.Conv2d(3, c1, 3, padding=1), nn.LeakyReLU(0.1, inplace=True), ResidualBlock(c1, c1, 1, batch_norm),
-            ResidualBlock(c1, c2, 2, batch_norm), ResidualBlock(c2, c3, 2, batch_norm),
+            nn.Conv2d(3, c1, 3, padding=1), nn.LeakyReLU(0.1, inplace=True), ResidualBlock(c1, c1, 1, norm),
+            ResidualBlock(c1, c2, 2, norm), ResidualBlock(c2, c3, 2, norm),
             nn.AdaptiveAvgPool2d(1), nn.Flatten())                              # (B, c3)
         self.mlp = nn.Sequential(nn.Linear(c3, c3), nn.LeakyReLU(0.1, inplace=True), nn.Linear(c3, code_dim))
 
@@ -357,7 +368,7 @@ class PerceiveIR(nn.Module):
     """
 
     def __init__(self, backbone="restormer", backbone_config="paper", semantic_dim=768, guided=True,
-                 use_dino=True, use_pgm=True, use_cfe=True, code_dim=CODE_DIM, cfe_batch_norm=False):
+                 use_dino=True, use_pgm=True, use_cfe=True, code_dim=CODE_DIM, cfe_norm="none"):
         super().__init__()
         self.guided, self.use_dino, self.use_cfe = guided, use_dino, use_cfe
         self.semantic_dim, self.code_dim = semantic_dim, code_dim
@@ -370,7 +381,7 @@ class PerceiveIR(nn.Module):
             return
         if use_cfe:
             named = backbone_config if isinstance(backbone_config, str) else "paper"
-            self.cfe = CFE(CFE_WIDTHS.get(named, CFE_WIDTHS["paper"]), code_dim, cfe_batch_norm)
+            self.cfe = CFE(CFE_WIDTHS.get(named, CFE_WIDTHS["paper"]), code_dim, cfe_norm)
         else:                                                 # Table X, "w/o CFE": Z is learnt
             self.learned_code = nn.Parameter(torch.zeros(code_dim))
         if not use_dino:                                      # Table X, "w/o DINO-v2": F_l is learnt
@@ -408,7 +419,7 @@ class PerceiveIR(nn.Module):
 SEMANTIC_DIM = {"base": 768, "tiny": 64}          # width of F_l: DINOv2 ViT-B/14 and the tiny stand-in
 # The settings that decide the shapes of the weights, each with the value a checkpoint written before it existed means.
 ARCHITECTURE = {"backbone": None, "backbone_config": None, "dino": None, "no_guidance": None, "no_dino": None,
-                "no_pgm": None, "no_cfe": None, "cfe_batch_norm": False}
+                "no_pgm": None, "no_cfe": None, "cfe_norm": "none"}
 
 
 def build_model(config):
@@ -417,7 +428,12 @@ def build_model(config):
     return PerceiveIR(config["backbone"], config["backbone_config"], semantic_dim=SEMANTIC_DIM[config["dino"]],
                       guided=not config["no_guidance"], use_dino=not config["no_dino"],
                       use_pgm=not config["no_pgm"], use_cfe=not config["no_cfe"],
-                      cfe_batch_norm=config.get("cfe_batch_norm", ARCHITECTURE["cfe_batch_norm"]))
+                      cfe_norm=cfe_norm(config))
+
+
+def cfe_norm(config):
+    """CFE's norm in a dict of settings; checkpoints written before --cfe-norm said --cfe-batch-norm or nothing."""
+    return config.get("cfe_norm") or ("batch" if config.get("cfe_batch_norm") else ARCHITECTURE["cfe_norm"])
 
 
 def prior_view(degraded, prior_size=1024):
@@ -433,18 +449,42 @@ def prior_view(degraded, prior_size=1024):
     return F.interpolate(degraded, scale_factor=scale, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
 
 
+def _starts(length, crop):
+    """Tile starts 0, crop, 2·crop, ... and length − crop: crop × crop tiles that cover `length` px."""
+    return sorted({*range(0, length - crop + 1, crop), length - crop})
+
+
+def image_code(model, degraded, prior_size=1024, crop=0):
+    """Z of whole images (B, 128): CFE on `prior_view`, or, with crop > 0, the mean of the codes CFE gives to the
+    crop × crop tiles that cover that view, as CFE saw crops of that size in training.
+
+    # UNSPECIFIED: the paper does not say what CFE sees of a test image. A code is not the same for a whole image
+    # and for its crops (the statistics CFE pools cover a different area), and PGM and PGCA were trained on the
+    # codes of crops; crop = the training crop size gives the network the codes it was trained on (README,
+    # "What Z learns"). Tiles go through CFE 256 at a time.
+    """
+    view = prior_view(degraded, prior_size)
+    if not crop or max(view.shape[-2:]) <= crop:
+        return model.degradation_code(view)
+    (H, W), B = view.shape[-2:], view.shape[0]
+    ch, cw = min(crop, H), min(crop, W)
+    tiles = torch.stack([view[:, :, y:y + ch, x:x + cw] for y in _starts(H, ch) for x in _starts(W, cw)], dim=1)
+    codes = torch.cat([model.degradation_code(part) for part in tiles.flatten(0, 1).split(256)])
+    return codes.unflatten(0, (B, -1)).mean(1)                                           # (B, 128)
+
+
 @torch.no_grad()
-def restore_image(model, sgm, degraded, tile=None, overlap=32, prior_size=1024, steer=None):
+def restore_image(model, sgm, degraded, tile=None, overlap=32, prior_size=1024, steer=None, code_crop=0):
     """I_r of a (B, 3, H, W) batch of any size, optionally with the backbone run tile by tile.
 
     The priors F_l and Z are per-image vectors, so DINOv2 and CFE see the whole image once, even
     when the backbone runs on tiles (memory bounded by the tile size): DINOv2 resized to its input
-    size as always (Eq. 5), CFE through `prior_view`. `steer`, a unit (128,) direction (a task's
-    centroid of Z), turns each Z to it, its length kept: the image restored as if perceived as that task.
+    size as always (Eq. 5), CFE through `image_code` (whole, or in code_crop tiles). `steer`, a unit (128,)
+    direction (a task's centroid of Z), turns each Z to it, its length kept: restored as if perceived as that task.
     """
     if not model.guided:
         return tiled_forward(lambda x: model(x)[0], degraded, tile, overlap).clamp(0, 1)
-    code = model.degradation_code(prior_view(degraded, prior_size))                    # Z of the whole image
+    code = image_code(model, degraded, prior_size, code_crop)                          # Z of the whole image
     if steer is not None:                                        # ‖Z‖ · centroid: the type told, not perceived
         code = code.norm(dim=-1, keepdim=True) * steer.to(code)
     priors = model.priors(sgm(degraded) if model.use_dino else None, code)
@@ -454,12 +494,12 @@ def restore_image(model, sgm, degraded, tile=None, overlap=32, prior_size=1024, 
 # --- What the model perceives: the degradation code Z against per-task centroids -----------------------------------
 
 @torch.no_grad()
-def degradation_centroids(model, images, prior_size=1024, report=None):
+def degradation_centroids(model, images, prior_size=1024, report=None, code_crop=0):
     """Per-task centroids of Z, the "type" half of what Perceive-IR perceives (Sec. III-C.2).
 
-    `images` yields (task, I_d (3, H, W)) of training images, seen as a query is seen (whole,
-    through `prior_view`). Returns {"tasks", "centroids" (T, 128) unit vectors, "threshold",
-    "right", "prior_size"}: threshold is the 5th percentile of the training images' cosine similarities to
+    `images` yields (task, I_d (3, H, W)) of training images, seen as a query is seen (`image_code`: whole,
+    or in code_crop tiles). Returns {"tasks", "centroids" (T, 128) unit vectors, "threshold",
+    "right", "prior_size", "code_crop"}: threshold is the 5th percentile of the training images' cosine similarities to
     their own task's centroid; a query below it resembles no task seen in training. "right" is the share of
     these images whose nearest centroid is their own task's: near chance (1/T), Z has not learnt the tasks
     apart, as when L_cl does not train. `report` (e.g. print) gets one line with the count, and a warning when
@@ -467,7 +507,7 @@ def degradation_centroids(model, images, prior_size=1024, report=None):
     """
     codes = {}
     for task, image in images:
-        code = model.degradation_code(prior_view(image[None].to(next(model.parameters()).device), prior_size))
+        code = image_code(model, image[None].to(next(model.parameters()).device), prior_size, code_crop)
         codes.setdefault(task, []).append(F.normalize(code, dim=-1)[0])                  # Z/‖Z‖ (128,)
     tasks, codes = list(codes), [torch.stack(c) for c in codes.values()]                       # (N_t, 128) each
     centroids = torch.stack([F.normalize(c.mean(0), dim=0) for c in codes])                      # (T, 128)
@@ -478,16 +518,16 @@ def degradation_centroids(model, images, prior_size=1024, report=None):
     if report is not None:                 # closer to chance than to every image right: say what that means
         report(f"centroids of Z: the nearest one names the task of {right} of {len(own)} training images "
                f"({share:.0%}; chance {chance:.0%})" + ("" if share >= (1 + chance) / 2 else
-               "; Z hardly tells the tasks apart: did L_cl fall (loss_cl in log.jsonl)? --cfe-batch-norm helps it"))
+               "; Z hardly tells the tasks apart: did L_cl fall (loss_cl in log.jsonl)? --cfe-norm instance helps it"))
     return {"tasks": tasks, "centroids": centroids.cpu(), "threshold": torch.quantile(own, 0.05).item(),
-            "right": share, "prior_size": prior_size}
+            "right": share, "prior_size": prior_size, "code_crop": code_crop}
 
 
 @torch.no_grad()
 def perceive(model, centroids, degraded):
     """Per image of a batch: the nearest task centroid of its Z, the similarity to every task, and
     whether it is unfamiliar (no similarity reaches the training images' 5th percentile)."""
-    code = F.normalize(model.degradation_code(prior_view(degraded, centroids["prior_size"])), dim=-1)  # (B, 128)
+    code = F.normalize(image_code(model, degraded, centroids["prior_size"], centroids.get("code_crop", 0)), dim=-1)
     similarity = code @ centroids["centroids"].to(code).T                                            # (B, T)
     return [{"task": centroids["tasks"][int(row.argmax())], "similarity": dict(zip(centroids["tasks"], row.tolist())),
              "unfamiliar": bool(row.max() < centroids["threshold"])} for row in similarity]

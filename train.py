@@ -10,8 +10,7 @@ What is in here:
 - Stage 2, `--stage restore` (Eq. 13): L_rec + λ1 L_cl + λ2 L_clip + λ3 L_dpl, avgPSNR per task (Eq. 10).
 - `fit()`: the loop every stage shares: DDP (NCCL on CUDA, gloo on CPU), AdamW, warmup + cosine,
   `train_step` (bf16, torch.compile), checkpoints with exact resume (checkpoints.py), SIGINT/SIGTERM,
-  a non-finite guard, logs; `--init` starts a fine-tune from a trained model (Table VI †).
-The offline demo's data, settings and report are in demo.py.
+  a non-finite guard, logs; `--init` starts a fine-tune from a trained model (Table VI †). The demo: demo.py.
 """
 
 import argparse
@@ -38,8 +37,8 @@ import losses
 from backbone import count_parameters
 from checkpoints import (check_finite, git_commit, init_weights, load_checkpoint, output_folder, record_losses,
                          restore_progress, write_checkpoint)
-from guidance import (ARCHITECTURE, BACKBONES, NETWORKS, build_backbone, build_model, build_sgm, degradation_centroids,
-                      load_released, restore_image, size_multiple)
+from guidance import (ARCHITECTURE, BACKBONES, CFE_NORMS, NETWORKS, build_backbone, build_model, build_sgm,
+                      degradation_centroids, load_released, restore_image, size_multiple)
 from networks import airnet, mprnet
 
 CENTROID_IMAGES = 256                             # training images per task behind each centroid of Z
@@ -114,7 +113,7 @@ def get_args(argv=None):
     add("--no-dino", action="store_true", help="learnable F_l (Table X 'w/o DINO-v2')")
     add("--no-pgm", action="store_true", help="projection of F_l only (Table X 'w/o PGM')")
     add("--no-cfe", action="store_true", help="learnable Z (Table X 'w/o CFE'); turns L_cl off")
-    add("--cfe-batch-norm", action="store_true", help="AirNet's batch norm in CFE: L_cl trains at small batches")
+    add("--cfe-norm", choices=CFE_NORMS, default="none", help="CFE's norm: L_cl trains at 4 crops (not given; README)")
     add("--init", default=None, help="fine-tune: start from this restore checkpoint's weights (Table VI †)")
     # --- stage 2: losses (Sec. III-D, III-E); a weight of 0 switches a term off (Table XI) ---
     add("--lambda-cl", type=float, default=0.1, help="λ1 (Sec. IV-A.4: 0.1)")
@@ -511,11 +510,12 @@ def run_restore(args, run, samples, frozen, resume):
     step_fn = partial(restore_step, sgm=sgm, criterion=criterion, use_cl=use_cl, strata=dataset.strata,
                       uses_dino=model.guided and model.use_dino)
     probe = dataset.probe(args.probe_size, args.seed) if criterion.use_dpl else None   # Eq. (10): L_dpl only
-    # At the end: per-task centroids of Z on whole training images (at most CENTROID_IMAGES per task, evenly
-    # spread), for evaluate.py's report of what the model perceives; one line says how many Z names right.
-    chosen = data.spread(samples, CENTROID_IMAGES)
-    centroids = (lambda net: {"centroids": degradation_centroids(net, ((s.task, data.load_pair(s, args.sigmas)[0])
-                                                                       for s in chosen), report=run.print0)})
+    # At the end: per-task centroids of Z on whole training images (at most CENTROID_IMAGES per task, evenly spread),
+    # for evaluate.py's perception report; one line says how many Z names right. With an instance-normalised CFE,
+    # Z is the mean over training-size tiles (guidance.image_code), as evaluate.py will then see it.
+    chosen, tile = data.spread(samples, CENTROID_IMAGES), args.patch_size if args.cfe_norm == "instance" else 0
+    centroids = (lambda net: {"centroids": degradation_centroids(
+        net, ((s.task, data.load_pair(s, args.sigmas)[0]) for s in chosen), report=run.print0, code_crop=tile)})
     return fit(args, run, "restore", model, step_fn, dataset, args.iters, args.lr, args.batch_size,
                Path(args.out) / "restore", resume,
                epoch_fn=(lambda net: losses.average_psnr(partial(restore_image, net, sgm), probe, run.device))

@@ -46,6 +46,7 @@ def nodes(file, *names):
 TRAINING_RUNS = nodes(
     "test_train.py", "test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint",
     "test_an_existing_run_is_never_overwritten_without_resume",
+    "test_an_instance_normalised_cfe_trains_and_its_centroids_see_z_in_training_size_tiles",
     "test_checkpoint_is_one_plain_dict_loadable_with_weights_only",
     "test_eq10_when_a_tasks_avgpsnr_rises_past_its_negatives_they_flip_from_1_minus_to_1_plus_gamma",
     "test_missing_clip_weights_end_with_one_line_naming_the_flag_not_a_traceback",

@@ -729,6 +729,7 @@ def test_a_corrupt_prediction_is_named_and_the_other_predictions_are_still_score
     (["--tile", "64", "--tile-overlap", "64"], "--tile-overlap must be ≥ 0 and below --tile"),
     (["--tile-overlap", "-1"], "--tile-overlap must be ≥ 0"),
     (["--prior-size", "0"], "--prior-size must be > 0"),
+    (["--code-crop", "-1"], "--code-crop must be ≥ 0"),
     (["--crop-multiple", "-16"], "--crop-multiple must be ≥ 0"),
     (["--sigmas", "25", "0"], "--sigmas must be > 0"),
     (["--score-inputs", "--data-root", ".", "--as-task", "dehaze"], "--as-task steers a checkpoint's restoration"),

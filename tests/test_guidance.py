@@ -122,9 +122,46 @@ def test_cfes_batch_norm_is_torchs_in_one_process_with_its_running_statistics_in
         assert torch.allclose(getattr(ours, name).double(), getattr(torchs, name).double(), atol=1e-5), name
     x = torch.randn(2, 5, 3, 3)
     assert torch.allclose(ours.eval()(x), torchs.eval()(x), atol=1e-5)
-    blocks = CFE((8, 16, 32), batch_norm=True).modules()
+    blocks = CFE((8, 16, 32), norm="batch").modules()
     assert sum(isinstance(m, CodeBatchNorm) for m in blocks) == 8             # 2 + 3 + 3 (two with shortcuts)
-    assert not any(isinstance(m, CodeBatchNorm) for m in CFE((8, 16, 32)).modules())   # the default: none
+    assert not any(isinstance(m, (CodeBatchNorm, torch.nn.GroupNorm)) for m in CFE((8, 16, 32)).modules())  # none
+
+
+def test_cfes_instance_norm_uses_each_images_own_statistics_alike_in_training_and_in_eval():
+    torch.manual_seed(0)
+    cfe = CFE((8, 16, 32), norm="instance")
+    norms = [m for m in cfe.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 6 and all(m.num_groups == m.num_channels for m in norms)   # two per block, body only
+    images = torch.rand(3, 3, 24, 24)
+    alone = torch.cat([cfe(image[None]) for image in images])
+    assert torch.allclose(cfe(images), alone, atol=1e-5)                   # no image's code depends on the batch
+    assert torch.allclose(cfe.eval()(images), alone, atol=1e-5)            # and training mode is eval mode
+    dark = cfe(0.1 * images)                                               # the shortcut keeps the level
+    assert (F.normalize(dark, dim=1) * F.normalize(alone, dim=1)).sum(1).max() < 0.9999
+    with pytest.raises(ValueError, match="CFE norm 'layer': choose one of none, batch, instance"):
+        CFE(norm="layer")
+
+
+def test_z_of_a_whole_image_from_training_size_tiles_is_the_mean_of_the_codes_of_tiles_that_cover_it(sgm):
+    from guidance import image_code, prior_view
+    model = tiny_model(sgm).eval()
+    image = torch.rand(2, 3, 70, 100)
+    with torch.no_grad():
+        assert torch.equal(image_code(model, image), model.cfe(image))                  # crop 0: the whole image
+        assert torch.equal(image_code(model, image, crop=128), model.cfe(image))        # a tile as large: the same
+        tiles = [image[:, :, y:y + 32, x:x + 32] for y in (0, 32, 38) for x in (0, 32, 64, 68)]   # 3 × 4 cover it
+        by_hand = torch.stack([model.cfe(tile) for tile in tiles]).mean(0)
+        assert torch.allclose(image_code(model, image, crop=32), by_hand, atol=1e-5)
+        small = prior_view(image, 50)                                                    # the view comes first
+        tiles = [small[:, :, y:y + 32, x:x + 32] for y in (0, 3) for x in (0, 18)]
+        assert torch.allclose(image_code(model, image, prior_size=50, crop=32),
+                              torch.stack([model.cfe(tile) for tile in tiles]).mean(0), atol=1e-5)
+        # The centroids remember how they saw Z, and perception sees queries the same way.
+        found = degradation_centroids(model, iter([("denoise", image[0]), ("lowlight", 0.1 * image[1])]),
+                                      code_crop=32)
+        assert found["code_crop"] == 32
+        assert [p["task"] for p in perceive(model, found, torch.stack([image[0], 0.1 * image[1]]))] == \
+            ["denoise", "lowlight"]
 
 
 def degradation_crops(n, generator):
@@ -139,14 +176,15 @@ def degradation_crops(n, generator):
     return degraded, task
 
 
-def test_l_cl_on_four_crops_a_step_teaches_the_cfe_to_tell_the_degradations_apart():
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_l_cl_on_four_crops_a_step_teaches_the_cfe_to_tell_the_degradations_apart(norm):
     # The laptop preset's regime: 4 crops a step, a second view of each image as its positive. (On the real
-    # training crops of the earlier haze and blur recipe, without CodeBatchNorm, L_cl did not move in 6,000
-    # steps: README, "What Z learns".)
+    # training crops, without a norm in CFE, L_cl trained in one preset run of three: README, "What Z learns";
+    # tests/test_laptop.py trains CFE with L_cl alone on the real crops.)
     from losses import contrastive_loss
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    cfe = CFE((8, 16, 32), batch_norm=True)
+    cfe = CFE((8, 16, 32), norm=norm)
     optimizer = torch.optim.AdamW(cfe.parameters(), lr=1e-3)
     images, task = degradation_crops(400, generator)
     held_out, held_out_task = degradation_crops(80, generator)
@@ -399,7 +437,7 @@ def test_the_centroids_count_the_training_images_z_tells_apart_and_say_so_near_c
         model.cfe.mlp[-1].weight.zero_()
     collapsed = degradation_centroids(model, iter(images), report=lines.append)
     assert collapsed["right"] == 0.5                           # one centroid wins every image: chance
-    assert "(50%; chance 50%); Z hardly tells the tasks apart" in lines[1] and "--cfe-batch-norm" in lines[1]
+    assert "(50%; chance 50%); Z hardly tells the tasks apart" in lines[1] and "--cfe-norm instance" in lines[1]
 
 
 def test_perception_reports_the_nearest_task_centroid_of_z_and_flags_an_unfamiliar_image(sgm):

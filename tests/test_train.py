@@ -19,6 +19,7 @@ import checkpoints
 import clip_prompts
 import data
 import demo
+import evaluate
 import losses
 import train
 from guidance import build_backbone
@@ -271,6 +272,17 @@ def test_resuming_gives_the_same_weights_as_training_straight_through(stage1, tm
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_an_instance_normalised_cfe_trains_and_its_centroids_see_z_in_training_size_tiles(stage1, tmp_path):
+    run_main(*restore_args(stage1, tmp_path / "instance", "--iters", 2, "--cfe-norm", "instance"))
+    checkpoint = torch.load(tmp_path / "instance" / "restore" / "last.pt", weights_only=True)
+    assert checkpoint["args"]["cfe_norm"] == "instance" and checkpoint["centroids"]["code_crop"] == 32
+    assert any(".body.1.weight" in key for key in checkpoint["model"])          # the GroupNorm after the first conv
+    plain = torch.load(stage1["out"] / "restore" / "last.pt", weights_only=True)
+    assert plain["centroids"]["code_crop"] == 0                                 # no norm: Z of the whole image
+    restorer = evaluate.Restorer.from_checkpoint(tmp_path / "instance" / "restore" / "last.pt")
+    assert restorer.code_crop == 32 and "Z from 32 px tiles" in restorer.protocol
+
+
 def test_the_medium_and_prompt_stages_resume_bit_for_bit(stage1, tmp_path):
     common = [*TINY, "--data-root", stage1["data"], "--medium-iters", 4, "--prompt-iters", 4, "--prompt-batch-size", 4]
     run_main(*common, "--stage", "medium", "--out", tmp_path / "straight")
@@ -392,7 +404,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_writes_a_checkpoint_an
 
 def test_two_gloo_processes_match_one_process_and_log_the_mean_over_both(stage1, tmp_path):
     # With CFE's batch norm, whose statistics must span both processes' crops as they span one process's batch.
-    common = [*map(str, restore_args(stage1, tmp_path, "--iters", 3, "--batch-size", 4, "--cfe-batch-norm"))]
+    common = [*map(str, restore_args(stage1, tmp_path, "--iters", 3, "--batch-size", 4, "--cfe-norm", "batch"))]
     single = [c if c != str(tmp_path) else str(tmp_path / "one") for c in common]
     double = [c if c != str(tmp_path) else str(tmp_path / "two") for c in common]
     env = subprocess_env()
