@@ -125,6 +125,11 @@ def test_cfes_batch_norm_is_torchs_in_one_process_with_its_running_statistics_in
     blocks = CFE((8, 16, 32), norm="batch").modules()
     assert sum(isinstance(m, CodeBatchNorm) for m in blocks) == 8             # 2 + 3 + 3 (two with shortcuts)
     assert not any(isinstance(m, (CodeBatchNorm, torch.nn.GroupNorm)) for m in CFE((8, 16, 32)).modules())  # none
+    from guidance import build_model                       # a checkpoint written before --cfe-norm: its own flag
+    old = dict(backbone="restormer", backbone_config="tiny", dino="tiny", no_guidance=False, no_dino=False,
+               no_pgm=False, no_cfe=False)
+    assert any(isinstance(m, CodeBatchNorm) for m in build_model({**old, "cfe_batch_norm": True}).cfe.modules())
+    assert not any(isinstance(m, CodeBatchNorm) for m in build_model(old).cfe.modules())
 
 
 def test_cfes_instance_norm_uses_each_images_own_statistics_alike_in_training_and_in_eval():
