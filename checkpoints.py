@@ -128,16 +128,14 @@ EXPORTED = ("stage", "args", "git_commit", "step", "epoch", "avg_psnr", "centroi
 def init_weights(model, args, architecture):
     """--init: a trained restore checkpoint's weights, strictly, for a fine-tune on new data (Table VI †). The
     optimiser, schedule, avgPSNR and centroids start afresh, and the frozen networks are this run's own.
-    `architecture`: {setting: its value in a checkpoint that predates it}, the settings that decide the shapes of
-    the weights (guidance.ARCHITECTURE), equal in both."""
+    `architecture`: settings dict → the settings that decide the shapes of the weights (guidance.architecture),
+    equal in both."""
     checkpoint = load_checkpoint(args.init, "--init")
     if checkpoint["stage"] != "restore":
         raise SystemExit(f"--init {args.init}: a {checkpoint['stage']} checkpoint; fine-tunes start from a restore one")
-    theirs = dict(checkpoint["args"])
-    if theirs.get("cfe_batch_norm") and "cfe_norm" not in theirs:      # written before --cfe-norm replaced the flag
-        theirs["cfe_norm"] = "batch"
-    other = [f"--{key.replace('_', '-')} {theirs.get(key, default)} there, {getattr(args, key)} here"
-             for key, default in architecture.items() if theirs.get(key, default) != getattr(args, key)]
+    theirs, ours = architecture(checkpoint["args"]), architecture(vars(args))
+    other = [f"--{key.replace('_', '-')} {theirs[key]} there, {ours[key]} here"
+             for key in ours if theirs[key] != ours[key]]
     if other:
         raise SystemExit(f"--init {args.init}: another network ({'; '.join(other)}); pass the same settings")
     model.load_state_dict(checkpoint["model"])

@@ -231,14 +231,12 @@ def chart_sweep(results, values, name, metric="psnr"):
 def perceived_codes(restorer, test_sets, perceiver=None):
     """Per test image: task, severity (σ, or the input's PSNR in dB), Z/‖Z‖ as guidance.perceive computes it, and
     P(excellent) of the input when a perceiver is given."""
-    from guidance import image_code
+    from guidance import query_code
     rows = []
-    prior_size = (restorer.centroids or {}).get("prior_size", restorer.prior_size)
-    code_crop = (restorer.centroids or {}).get("code_crop", 0)              # as the centroids were computed
     for test_set in test_sets:
         for item in test_set:
             degraded = item["degraded"][None]
-            code = F.normalize(image_code(restorer.model, degraded, prior_size, code_crop), dim=-1)[0]
+            code = query_code(restorer.model, degraded, restorer.centroids, restorer.prior_size)[0]
             input_psnr = (psnr(degraded, item["target"][None], 1.0).item()          # severity: PSNR alone, no SSIM
                           if item["target"] is not None else float("nan"))
             p_excellent = perceiver(degraded)[0, perceiver.excellent_index].item() if perceiver else None

@@ -428,12 +428,15 @@ def build_model(config):
     return PerceiveIR(config["backbone"], config["backbone_config"], semantic_dim=SEMANTIC_DIM[config["dino"]],
                       guided=not config["no_guidance"], use_dino=not config["no_dino"],
                       use_pgm=not config["no_pgm"], use_cfe=not config["no_cfe"],
-                      cfe_norm=cfe_norm(config))
+                      cfe_norm=architecture(config)["cfe_norm"])
 
 
-def cfe_norm(config):
-    """CFE's norm in a dict of settings; checkpoints written before --cfe-norm said --cfe-batch-norm or nothing."""
-    return config.get("cfe_norm") or ("batch" if config.get("cfe_batch_norm") else ARCHITECTURE["cfe_norm"])
+def architecture(config):
+    """The ARCHITECTURE settings of a dict of train.py's settings (a setting a checkpoint predates: its ARCHITECTURE
+    value; a checkpoint written before --cfe-norm said --cfe-batch-norm for CFE's norm "batch", or nothing)."""
+    legacy = "batch" if config.get("cfe_batch_norm") else ARCHITECTURE["cfe_norm"]
+    return {**{key: config.get(key, default) for key, default in ARCHITECTURE.items()},
+            "cfe_norm": config.get("cfe_norm") or legacy}
 
 
 def prior_view(degraded, prior_size=1024):
@@ -524,10 +527,17 @@ def degradation_centroids(model, images, prior_size=1024, report=None, code_crop
 
 
 @torch.no_grad()
+def query_code(model, degraded, centroids=None, prior_size=1024):
+    """Z/‖Z‖ (B, 128) of query images seen as `centroids` saw theirs (whole or in tiles); else whole at prior_size."""
+    seen = centroids or {}
+    return F.normalize(image_code(model, degraded, seen.get("prior_size", prior_size), seen.get("code_crop", 0)),
+                       dim=-1)
+
+
 def perceive(model, centroids, degraded):
     """Per image of a batch: the nearest task centroid of its Z, the similarity to every task, and
     whether it is unfamiliar (no similarity reaches the training images' 5th percentile)."""
-    code = F.normalize(image_code(model, degraded, centroids["prior_size"], centroids.get("code_crop", 0)), dim=-1)
+    code = query_code(model, degraded, centroids)                                                   # (B, 128)
     similarity = code @ centroids["centroids"].to(code).T                                            # (B, T)
     return [{"task": centroids["tasks"][int(row.argmax())], "similarity": dict(zip(centroids["tasks"], row.tolist())),
              "unfamiliar": bool(row.max() < centroids["threshold"])} for row in similarity]

@@ -37,7 +37,7 @@ import losses
 from backbone import count_parameters
 from checkpoints import (check_finite, git_commit, init_weights, load_checkpoint, output_folder, record_losses,
                          restore_progress, write_checkpoint)
-from guidance import (ARCHITECTURE, BACKBONES, CFE_NORMS, NETWORKS, build_backbone, build_model, build_sgm,
+from guidance import (BACKBONES, CFE_NORMS, NETWORKS, architecture, build_backbone, build_model, build_sgm,
                       degradation_centroids, load_released, restore_image, size_multiple)
 from networks import airnet, mprnet
 
@@ -482,7 +482,7 @@ def restore_step(net, batch, state, sgm, criterion, use_cl, uses_dino, strata):
 def run_restore(args, run, samples, frozen, resume):
     sgm, model = frozen["sgm"], build_model(vars(args))                         # DINOv2 stays outside the trained model
     if args.init:                             # a fine-tune; --resume auto then continues the fine-tune itself
-        init_weights(model, args, ARCHITECTURE)
+        init_weights(model, args, architecture)
     use_cl = args.lambda_cl > 0 and model.guided and model.use_cfe          # Z exists only with CFE
     if args.lambda_cl > 0 and not use_cl:
         run.print0("restore: L_cl needs the CFE codes; it is off in this ablation")
