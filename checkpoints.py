@@ -9,6 +9,8 @@ What is in here:
 - `rng_state`, `set_rng_state`: torch, numpy, Python and CUDA generators as tensors and numbers.
 - `save_checkpoint` (temporary file, then rename), `load_checkpoint` (refuses anything else, naming the flag).
 - `restore_progress`, `write_checkpoint`: what train.py's loop calls to continue and to save a stage.
+- `one_pass`: the batches of one pass from any step on, a function of (seed, epoch), with loader workers that
+  leave SIGINT/SIGTERM to train.py, which checkpoints and stops.
 - `init_weights`: `--init`, a fine-tune that starts from a trained restore checkpoint's weights.
 - `record_losses`, `check_finite`: the non-finite guard: no checkpoint ever holds weights that saw a NaN.
 - `git_commit`: the code's commit, recorded in every checkpoint.
@@ -19,6 +21,7 @@ import hashlib
 import os
 import sys
 import random
+import signal
 import subprocess
 from pathlib import Path
 
@@ -139,6 +142,39 @@ def init_weights(model, args, architecture):
     if other:
         raise SystemExit(f"--init {args.init}: another network ({'; '.join(other)}); pass the same settings")
     model.load_state_dict(checkpoint["model"])
+
+
+# --- One pass of the loader: the batches train.py's loop draws, from where a resumed run left off ------------
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)       # train.py checkpoints and stops on these
+
+
+def ignore_stop_signals(_worker_id):
+    """Loader workers leave SIGINT/SIGTERM to the main process, which checkpoints and stops them: a scheduler
+    signals the whole process group, and a worker killed mid-batch would crash the run."""
+    # (Forked workers inherit the main handler; spawned or forkserver ones would die: the default action.)
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def one_pass(dataset, sampler, per_rank, data_epoch, skip, workers, seed, pin_memory=False):
+    """The batches of one pass over the data from batch `skip` on; the order is a function of (seed, epoch)."""
+    sampler.set_epoch(data_epoch)                                     # the shuffle of this pass, the same on every rank
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(data_epoch)                  # augmentation depends on (seed, epoch, index)
+    indices = list(sampler)[skip * per_rank:]             # resuming mid-pass: skip what was seen
+    # Its own generator: the global RNG must not depend on where a run was resumed (the next fold's
+    # initial weights come from it), and a loader draws a seed from its generator when it starts.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=indices, drop_last=True,
+                                         num_workers=workers, pin_memory=pin_memory,
+                                         worker_init_fn=ignore_stop_signals if workers else None,
+                                         generator=torch.Generator().manual_seed(seed + data_epoch))
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)    # blocked while workers start (children inherit
+    try:                                                    # the mask): none reaches one before it ignores
+        return iter(loader)                                 # them, and the main process gets it afterwards
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 # --- The non-finite guard: never a checkpoint of weights that saw a NaN -----------------------------------------

@@ -10,7 +10,6 @@ What is in here:
 - `TrainDataset`: resampled flipped crops, L_cl's positive (Eq. 12), L_dpl's negatives (Eq. 11), the probe
   of Eq. (10), decoded images optionally kept in memory (`--cache-mb`); `TripletDataset`: (I_d, I_m, I_g) of
   stage 1 (Eq. 1); `build_test_sets`: Tables II-V, IX, XIII.
-- `one_pass`: the batches of one pass, a function of (seed, epoch), with workers that leave signals to train.py.
 - `python data.py --check ROOT`; no argument: a self-check. (The offline demo's data: `demo.py`.)
 
 Layouts, detected per task under `--data-root`:
@@ -22,7 +21,6 @@ An input finds its target by name, or by RESIDE's (0001_0.8_0.2.jpg → 0001.*) 
 """
 
 import argparse
-import signal
 import tempfile
 import warnings
 import zlib
@@ -62,19 +60,31 @@ def parse_tasks(spec):
     return tuple(t for t in TASKS if t in names)
 
 
+def _task_values(spec, flag, example):
+    """'task=value,...' → {task: value}; a task that is not one of TASKS is refused (a typo must not pass)."""
+    try:
+        values = {t.strip(): v.strip() for t, v in (i.split("=") for i in spec.split(","))}
+    except ValueError:
+        raise ValueError(f"{flag} {spec!r}: expected task=value pairs, e.g. {example}") from None
+    for task in values.keys() - set(TASKS):
+        raise ValueError(f"{flag} {spec!r}: unknown task {task!r}; the tasks are {', '.join(TASKS)}")
+    return values
+
+
 def parse_resample(spec):
     """--resample 'denoise=3,derain=120,...' → {task: ratio} (Sec. IV-A.4), or None (the paper's ratios)."""
-    try:
-        ratios = {} if spec is None else {t.strip(): float(r) for t, r in (i.split("=") for i in spec.split(","))}
-    except ValueError:
-        raise ValueError(f"--resample {spec!r}: expected task=ratio pairs, e.g. denoise=3,derain=120") from None
+    ratios = {} if spec is None else _task_values(spec, "--resample", "denoise=3,derain=120")
     for task, ratio in ratios.items():                 # a typo or a fraction must not change the data silently
-        if task not in TASKS:
-            raise ValueError(f"--resample {spec!r}: unknown task {task!r}; the tasks are {', '.join(TASKS)}")
-        if ratio < 1 or ratio != int(ratio):
-            raise ValueError(f"--resample {spec!r}: {task}={ratio:g} is not a whole number of repeats ≥ 1 "
+        if not ratio.isdigit() or int(ratio) < 1:
+            raise ValueError(f"--resample {spec!r}: {task}={ratio} is not a whole number of repeats ≥ 1 "
                              "(to leave a task out, drop it from --tasks)")
     return {t: int(r) for t, r in ratios.items()} if spec is not None else None
+
+
+def parse_sets(spec):
+    """--train-sets 'denoise=CBSD432,derain=A+B' → {task: (set, ...)}: a task trains on these of its sets alone."""
+    return {t: tuple(v.split("+")) for t, v in _task_values(spec, "--train-sets", "denoise=CBSD432").items()} \
+        if spec else {}
 
 
 def stratum(task, sigma=0):
@@ -231,16 +241,19 @@ def _raise(problems, where):
                      f"(`python data.py --check ROOT` lists them all):\n  {shown}")
 
 
-def scan_training_set(root, tasks, split="train", strict=True, synthesize=()):
+def scan_training_set(root, tasks, split="train", strict=True, synthesize=(), sets=None):
     """Find, pair and check the images of `tasks` → (samples, {"found": {task: ...}, "problems": [...]}): before
     training, corrupt or unsupported files, missing targets, size mismatches, missing listed files, empty or
     missing task folders. strict=True raises them as one ValueError. A task in `synthesize` (dehaze, deblur)
     takes the clean images of the denoising sets instead of pairs of its own: its degraded images are made
-    on the fly (degradations.SYNTHESIS)."""
-    root = Path(root)
+    on the fly (degradations.SYNTHESIS). `sets` ({task: set names}, `--train-sets`) keeps those sets of a task
+    alone (a set: a subfolder of the generic layout, else the task folder); the synthesized tasks take denoise's."""
+    root, sets = Path(root), sets or {}
     if not root.is_dir():
         raise FileNotFoundError(f"--data-root {root} does not exist")
-    samples, sizes, problems = [], {}, []
+    samples, sizes = [], {}
+    problems = [f"--train-sets names {t}, which is not in --tasks" for t in sets if t not in tasks
+                and not (t == "denoise" and set(synthesize) & set(tasks))]
     report = {"found": {}, "problems": problems}
     for task in synthesize:
         if task not in SYNTHESIS:
@@ -253,6 +266,12 @@ def scan_training_set(root, tasks, split="train", strict=True, synthesize=()):
                             f"{AUTHORS_NAMES[task]}/ under {root}: add the data or drop {letter} from --tasks")
             continue
         layout, folder, sources = located
+        if wanted := sets.get("denoise" if task in synthesize else task):
+            names = [prefix.rstrip("/") or folder.name for prefix, *_ in sources]
+            for missing in (n for n in wanted if n not in names):        # once, though H and B read denoise's
+                problem = f"--train-sets: no set {missing!r} in {folder} (its sets: {', '.join(names)})"
+                problems += [problem] * (problem not in problems)
+            sources = [source for source, name in zip(sources, names) if name in wanted]
         layout, found = f"synthesized from {layout} denoise" if task in synthesize else layout, []
         for prefix, input_dir, target_dir, list_file in sources:
             inputs = _images(input_dir or target_dir, problems)
@@ -455,43 +474,10 @@ class TripletDataset(torch.utils.data.Dataset):
                 "task": torch.tensor(TASKS.index(sample.task)), "key": sample.key}
 
 
-# --- One pass of the loader: the batches train.py's loop draws ----------------------------------------------------
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)       # train.py checkpoints and stops on these
-
-
-def ignore_stop_signals(_worker_id):
-    """Loader workers leave SIGINT/SIGTERM to the main process, which checkpoints and stops them: a scheduler
-    signals the whole process group, and a worker killed mid-batch would crash the run."""
-    # (Forked workers inherit the main handler; spawned or forkserver ones would die: the default action.)
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-def one_pass(dataset, sampler, per_rank, data_epoch, skip, workers, seed, pin_memory=False):
-    """The batches of one pass over the data from batch `skip` on; the order is a function of (seed, epoch)."""
-    sampler.set_epoch(data_epoch)                                     # the shuffle of this pass, the same on every rank
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(data_epoch)                  # augmentation depends on (seed, epoch, index)
-    indices = list(sampler)[skip * per_rank:]             # resuming mid-pass: skip what was seen
-    # Its own generator: the global RNG must not depend on where a run was resumed (the next fold's
-    # initial weights come from it), and a loader draws a seed from its generator when it starts.
-    loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=indices, drop_last=True,
-                                         num_workers=workers, pin_memory=pin_memory,
-                                         worker_init_fn=ignore_stop_signals if workers else None,
-                                         generator=torch.Generator().manual_seed(seed + data_epoch))
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)    # blocked while workers start (children inherit
-    try:                                                    # the mask): none reaches one before it ignores
-        return iter(loader)                                 # them, and the main process gets it afterwards
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
 # --- Test protocols (Tables II-V, IX, XIII) ------------------------------------------------------------------------
 
 class TestSet(torch.utils.data.Dataset):
-    """One test set at one σ (denoising) or as stored (pairs, or inputs alone); items {"degraded", "target", "name"}."""
+    """One test set at one σ (denoising) or as stored (pairs or inputs alone); items {"degraded", "target", "name"}."""
     __test__ = False                                           # not a pytest class, despite the name
 
     def __init__(self, name, task, pairs, sigma=None, crop_multiple=None):

@@ -35,8 +35,8 @@ import data
 import demo
 import losses
 from backbone import count_parameters
-from checkpoints import (check_finite, git_commit, init_weights, load_checkpoint, output_folder, record_losses,
-                         restore_progress, write_checkpoint)
+from checkpoints import (STOP_SIGNALS, check_finite, git_commit, init_weights, load_checkpoint, one_pass,
+                         output_folder, record_losses, restore_progress, write_checkpoint)
 from guidance import (BACKBONES, CFE_NORMS, NETWORKS, architecture, build_backbone, build_model, build_sgm,
                       degradation_centroids, load_released, restore_image, size_multiple)
 from networks import airnet, mprnet
@@ -78,8 +78,8 @@ def get_args(argv=None):
     add("--resample", default=None, help="task=ratio,... (Sec. IV-A.4: denoise=3,derain=120,deblur=5,lowlight=200)")
     add("--workers", type=int, default=4, help="data-loader workers per process")
     add("--cache-mb", type=int, default=0, help="keep decoded training images in memory, up to this many MB")
-    add("--synthesize", default="", help="tasks without training pairs (H, B) made from the clean denoising "
-        "images: haze by atmospheric scattering, blur by camera shake (not the paper's; README)")
+    add("--synthesize", default="", help="tasks without pairs (H, B) made from the clean denoising images (README)")
+    add("--train-sets", default=None, help="task=set+set,...: a task trains on these of its sets alone (README)")
     # --- stage 1a: medium-quality images I_m (Sec. III-B) ---
     add("--medium-dir", default=None, help="medium-quality images I_m (default OUT/medium/images)")
     add("--medium-backbone", choices=sorted(NETWORKS), default="restormer", help="stage-1a restorer (Sec. III-B: "
@@ -161,7 +161,8 @@ def check_args(args):
             setattr(args, name, paper if getattr(args, weights) else "tiny")
     args.medium_config = args.medium_config or args.backbone_config
     try:
-        data.parse_tasks(args.tasks), data.parse_resample(args.resample), data.parse_tasks(args.synthesize or "N")
+        data.parse_tasks(args.tasks), data.parse_resample(args.resample), data.parse_sets(args.train_sets)
+        data.parse_tasks(args.synthesize or "N")
         multiple = max(size_multiple(args.backbone, args.backbone_config),
                        size_multiple(args.medium_backbone, args.medium_config))
     except ValueError as error:
@@ -314,7 +315,7 @@ def fit(args, run, name, model, step_fn, dataset, iters, lr, batch_size, out_dir
     run.print0(f"{name}: {count_parameters(model):,d} trainable parameters, {len(dataset)} samples, global batch "
                f"{batch_size} = {run.world} × {per_rank} per process, {iters} steps, epoch = {epoch_iters} steps")
     handlers = {s: signal.signal(s, lambda signum, _: STOP.update(signal=signal.Signals(signum).name))
-                for s in data.STOP_SIGNALS}
+                for s in STOP_SIGNALS}
     stop_at = min(iters, state["step"] + args.stop_after) if args.stop_after else iters
     step, iterator, sums = state["step"], None, {}                                  # `iterator` is rebuilt at each pass
     guard, since = {"first_bad": torch.full((), -1, device=run.device), "parts": {}}, (time.time(), step)
@@ -328,8 +329,8 @@ def fit(args, run, name, model, step_fn, dataset, iters, lr, batch_size, out_dir
                     shown = " ".join(f"{k} {v:.2f}" for k, v in state["avg_psnr"].items() if "_sigma" not in k)
                     run.print0(f"{name}: epoch {state['epoch']}: avgPSNR (dB) {shown}")
             if iterator is None or step % steps_per_pass == 0:                  # a new pass: reshuffled by (seed, pass)
-                iterator = data.one_pass(dataset, sampler, per_rank, step // steps_per_pass, step % steps_per_pass,
-                                         args.workers, args.seed, pin_memory=run.device.type == "cuda")
+                iterator = one_pass(dataset, sampler, per_rank, step // steps_per_pass, step % steps_per_pass,
+                                     args.workers, args.seed, pin_memory=run.device.type == "cuda")
             batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v    # keys (strings) stay
                      for k, v in next(iterator).items()}
             for group in optimizer.param_groups:                                # warmup + cosine, set before every step
@@ -345,9 +346,8 @@ def fit(args, run, name, model, step_fn, dataset, iters, lr, batch_size, out_dir
             if step % args.log_every == 0 or step == stop_at:
                 check_finite(guard, run, name, out_dir)
                 images_per_s = (step - since[1]) * batch_size / (time.time() - since[0])
-                eta_hours = (iters - step) * batch_size / images_per_s / 3600
                 log_progress(run, name, out_dir, sums, state, step - since[1], iters, optimizer.param_groups[0]["lr"],
-                             images_per_s, eta_hours)
+                             images_per_s, eta_hours=(iters - step) * batch_size / images_per_s / 3600)
                 sums, since = {}, (time.time(), step)
             if stop_requested(run, step, stop_at):
                 check_finite(guard, run, name, out_dir)
@@ -412,9 +412,9 @@ def run_medium(args, run, samples, resume):
         entries += [dict(task=s.task, key=s.key, fold=other["model"], restored_by=cv["model"]) for s in cv["restore"]]
         run.barrier()
     if run.master:                                        # the manifest says which model restored what
-        restorer = dict(restorer=args.medium_backbone, config=args.medium_config, iters=args.medium_iters,
-                        weights=args.medium_weights)
-        clip_prompts.write_medium_manifest(images_dir, entries, {**restorer, "git_commit": git_commit()})
+        clip_prompts.write_medium_manifest(images_dir, entries, dict(
+            restorer=args.medium_backbone, config=args.medium_config, iters=args.medium_iters,
+            weights=args.medium_weights, git_commit=git_commit()))
     run.barrier()
     run.print0(f"medium: {len(entries)} medium-quality images I_m in {images_dir}")
 
@@ -566,8 +566,8 @@ def main(args):
                              "ROOT`), or run the offline demo with --preset demo")
         try:                                      # expected failures (weights, data): one line, no traceback
             frozen = build_frozen(args, run, stages)
-            samples, report = data.scan_training_set(args.data_root, data.parse_tasks(args.tasks),
-                                                     synthesize=args.synthesize and data.parse_tasks(args.synthesize))
+            samples, report = data.scan_training_set(args.data_root, data.parse_tasks(args.tasks), sets=data.parse_sets(
+                args.train_sets), synthesize=args.synthesize and data.parse_tasks(args.synthesize))
         except (OSError, RuntimeError, ValueError) as error:
             raise SystemExit(f"train.py: {error}") from None
         for task, found in report["found"].items():

@@ -233,6 +233,35 @@ def test_augmentation_is_reproducible_and_differs_per_epoch_index_and_seed_even_
     assert batch["sigma"].dtype == torch.float32 and batch["task"].dtype == torch.long
 
 
+def test_train_sets_keep_the_named_sets_of_a_task_and_the_synthesized_tasks_take_denoises(tmp_path):
+    """--train-sets denoise=B: noise, and haze and blur made from clean images, come from set B alone; the other
+    tasks keep all their sets; a set that is not there is one problem naming the sets there are, said once."""
+    for name in ("A/grey.png", "B/colour.png", "B/more.png"):
+        save(tmp_path / "train/denoise" / name, coded_image(40, 50))
+    for name in ("S", "T"):
+        save(tmp_path / f"train/derain/{name}/input/r.png", coded_image(40, 50, offset=2))
+        save(tmp_path / f"train/derain/{name}/target/r.png", coded_image(40, 50))
+    tasks = ("denoise", "dehaze", "derain", "deblur")
+    made = ("dehaze", "deblur")
+    kept, report = scan_training_set(tmp_path, tasks, synthesize=made, sets=data.parse_sets("denoise=B"))
+    keys = {task: sorted(s.key for s in kept if s.task == task) for task in tasks}
+    assert keys == {"denoise": ["B/colour.png", "B/more.png"], "dehaze": ["B/colour.png", "B/more.png"],
+                    "deblur": ["B/colour.png", "B/more.png"], "derain": ["S/r.png", "T/r.png"]}
+    assert {t: f["pairs"] for t, f in report["found"].items()} == {"denoise": 2, "dehaze": 2, "derain": 2, "deblur": 2}
+    everything, _ = scan_training_set(tmp_path, tasks, synthesize=made)
+    assert len(everything) == 3 + 3 + 2 + 3
+    just_t, _ = scan_training_set(tmp_path, ("derain",), sets=data.parse_sets("derain=T+S"))
+    assert sorted(s.key for s in just_t) == ["S/r.png", "T/r.png"]
+    assert data.parse_sets("derain=T+S,denoise=B") == {"derain": ("T", "S"), "denoise": ("B",)}
+    assert data.parse_sets(None) == data.parse_sets("") == {}
+    _, report = scan_training_set(tmp_path, tasks, strict=False, synthesize=made, sets={"denoise": ("C",)})
+    missing = [p for p in report["problems"] if "--train-sets" in p]
+    assert missing == [f"--train-sets: no set 'C' in {tmp_path / 'train/denoise'} (its sets: A, B)"]
+    with pytest.raises(ValueError, match="--train-sets names derain, which is not in --tasks"):
+        scan_training_set(tmp_path, ("denoise",), sets={"derain": ("S",)})
+    assert len(scan_training_set(tmp_path, ("dehaze",), synthesize=("dehaze",), sets={"denoise": ("A",)})[0]) == 1
+
+
 def test_image_cache_gives_the_same_items_without_the_files_and_stops_at_its_limit(tmp_path):
     """--cache-mb: items are bit-identical to uncached ones (8-bit kept as uint8, 16-bit as float32), later
     reads need no file, and the cache never grows past its limit (the rest is read from the files)."""

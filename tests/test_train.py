@@ -487,6 +487,8 @@ def test_resuming_into_another_network_says_so_in_one_line(stage1, tmp_path):
     (["--betas", "0.9", "1.2"], "AdamW needs 0 ≤ β < 1"),
     (["--weight-decay", "-1"], "--weight-decay -1.0: must be ≥ 0"),
     (["--synthesize", "H+Q"], "expected letters N, H, R, B, L"),
+    (["--train-sets", "denoise:CBSD432"], "--train-sets 'denoise:CBSD432': expected task=value pairs"),
+    (["--train-sets", "denoize=CBSD432"], "unknown task 'denoize'"),
 ])
 def test_flags_that_would_change_the_run_silently_are_refused_in_one_line(flags, message):
     with pytest.raises(SystemExit, match=re.escape(message)) as refused:
