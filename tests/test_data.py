@@ -574,6 +574,9 @@ def test_shared_training_sets_scan_and_grayscale_bsd400_becomes_rgb(shared_dir):
     assert clean.shape == (3, 180, 180) and torch.equal(clean[0], clean[2])
     item = TrainDataset(samples)[0]
     assert item["degraded"].shape == (3, 128, 128) and item["sigma"].item() in (15, 25, 50)
+    colour, _ = scan_training_set(shared_dir / "data", ("denoise", "dehaze", "deblur"), synthesize=("dehaze", "deblur"),
+                                  sets={"denoise": ("CBSD432",)})        # --train-sets denoise=CBSD432: colour alone
+    assert len(colour) == 3 * 432 and {s.key.split("/")[0] for s in colour} == {"CBSD432"}
 
 
 def test_check_of_a_missing_root_or_unknown_task_ends_in_one_line(tmp_path):
