@@ -83,8 +83,8 @@ def parse_resample(spec):
 
 def parse_sets(spec):
     """--train-sets 'denoise=CBSD432,derain=A+B' → {task: (set, ...)}: a task trains on these of its sets alone."""
-    return {t: tuple(v.split("+")) for t, v in _task_values(spec, "--train-sets", "denoise=CBSD432").items()} \
-        if spec else {}
+    named = _task_values(spec, "--train-sets", "denoise=CBSD432") if spec else {}
+    return {task: tuple(sets.split("+")) for task, sets in named.items()}
 
 
 def stratum(task, sigma=0):
